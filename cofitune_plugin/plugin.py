@@ -1,0 +1,104 @@
+"""The only module that knows Axolotl: it turns a `cofitune:` block into Axolotl's own freezing.
+
+Hooks used, in Axolotl's order:
+- `register`: check the recipe and resolve the selection on a meta-device copy of the model (no
+  weights are read), then hand it to Axolotl as `unfrozen_parameters`, so Axolotl's own freezing
+  and its validators (non-reentrant checkpointing for partially frozen models) apply.
+- `get_adapter_capabilities` / `load_adapter`: register the `cofitune` adapter. Axolotl refuses an
+  adapter no plugin registered, which is what stops a recipe whose plugin failed to import.
+- `post_trainer_create`: after Axolotl froze the model, check that exactly the selection trains,
+  and print the trainable-parameter report.
+"""
+
+import torch
+from axolotl.integrations.base import AdapterCapabilities, BasePlugin
+from axolotl.utils.dict import DictDefault
+from axolotl.utils.freeze import LayerNamePattern
+from axolotl.utils.logging import get_logger
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Trainer
+
+from cofitune_plugin.args import ADAPTER, CoFiTuneConfig, check_recipe
+from cofitune_plugin.selection import Selection, select_parameters
+
+# Axolotl shows INFO only from loggers under "axolotl", where its own integrations live.
+LOG = get_logger("axolotl.integrations.cofitune")
+
+
+class CoFiTunePlugin(BasePlugin):
+    """Axolotl plugin adding the `cofitune` fine-tuning mode."""
+
+    def get_input_args(self) -> str:
+        return "cofitune_plugin.args.CoFiTuneArgs"
+
+    def get_adapter_capabilities(self) -> list[AdapterCapabilities]:
+        return [AdapterCapabilities(name=ADAPTER, lora_like=False, relora=False)]
+
+    def register(self, cfg: dict) -> None:
+        config = check_recipe(cfg)
+        if config is None:
+            return
+        model_config = _load_model_config(cfg)
+        with torch.device("meta"):
+            meta_model = AutoModelForCausalLM.from_config(
+                model_config, trust_remote_code=bool(cfg.get("trust_remote_code"))
+            )
+        selection = _select(model_config, meta_model, config)
+        patterns = selection.unfrozen_parameters()
+        _check_patterns_match(patterns, meta_model, selection)
+        cfg["unfrozen_parameters"] = patterns
+        LOG.info(
+            "cofitune: training %s parameters in %d layers; unfrozen_parameters=%s",
+            f"{selection.numel:,}",
+            len(selection.layers),
+            patterns,
+        )
+
+    def load_adapter(
+        self, model: nn.Module, cfg: DictDefault, inference: bool = False, config_only: bool = False
+    ) -> tuple[nn.Module, None] | None:
+        # Freezing itself is Axolotl's (from `unfrozen_parameters`); there is no adapter to add.
+        return (model, None) if cfg.adapter == ADAPTER else None
+
+    def post_trainer_create(self, cfg: DictDefault, trainer: Trainer) -> None:
+        if cfg.adapter != ADAPTER:
+            return
+        model = trainer.model
+        selection = _select(model.config, model, CoFiTuneConfig.model_validate(cfg.cofitune))
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        if trainable != set(selection.parameters):
+            extra = sorted(trainable - set(selection.parameters))[:5]
+            absent = sorted(set(selection.parameters) - trainable)[:5]
+            raise RuntimeError(
+                "cofitune: the model's trainable parameters differ from the CoFiTune selection "
+                f"(trainable but not selected: {extra}; selected but frozen: {absent}); "
+                "refusing to train. Did another plugin or setting change `requires_grad`?"
+            )
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        LOG.info("\n%s", selection.report(total))
+
+
+def _load_model_config(cfg: dict) -> PretrainedConfig:
+    return AutoConfig.from_pretrained(
+        cfg.get("base_model_config") or cfg["base_model"],
+        trust_remote_code=bool(cfg.get("trust_remote_code")),
+    )
+
+
+def _select(model_config: PretrainedConfig, model: nn.Module, config: CoFiTuneConfig) -> Selection:
+    text_config = model_config.get_text_config()
+    return select_parameters(
+        model,
+        model_type=text_config.model_type,
+        num_layers=text_config.num_hidden_layers,
+        layers=config.layers,
+        modules=config.modules,
+    )
+
+
+def _check_patterns_match(patterns: list[str], model: nn.Module, selection: Selection) -> None:
+    """Guard the hand-over: Axolotl's matcher must pick exactly the selected parameters."""
+    compiled = [LayerNamePattern(p) for p in patterns]
+    matched = {n for n, _ in model.named_parameters() if any(p.match(n) for p in compiled)}
+    if matched != set(selection.parameters):
+        raise RuntimeError(f"cofitune: internal error: {patterns} match {sorted(matched)[:5]}...")

@@ -1,0 +1,160 @@
+"""Tiny models, tokenizers, data and recipes built in temp dirs: no test reaches a network."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+OFFLINE_ENV = {
+    "AXOLOTL_DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+os.environ.update(OFFLINE_ENV)
+
+VOCAB_SIZE = 320
+_COMMON = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB_SIZE,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    tie_word_embeddings=False,
+)
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": {},
+    "qwen2": {},
+    "gpt_neox": {"rotary_pct": 1.0},
+    "phi3": {},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 32,
+    },
+    "gemma2": {"head_dim": 8},
+    "qwen3": {"head_dim": 8},
+}
+
+SENTENCES = [
+    "Tom buys 3 apples at 2 dollars each. Step 1: 3 * 2 = 6. #### 6",
+    "A train goes 60 miles per hour for 2 hours. Step 1: 60 * 2 = 120. #### 120",
+    "Anna is 7 and her brother is 3 years older. Step 1: 7 + 3 = 10. #### 10",
+    "Share 12 sweets among 4 friends. Step 1: 12 / 4 = 3. #### 3",
+    "The capital of France is Paris, a city on the Seine.",
+    "Write a short poem about the sea and the wind.",
+]
+
+
+def write_tokenizer(path: Path) -> None:
+    """A byte-level BPE trained on the test sentences, saved as a HF fast tokenizer."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(SENTENCES * 4, trainer)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    ).save_pretrained(path)
+
+
+def build_tiny_model(path: Path, model_type: str, seed: int = 0) -> Path:
+    """Save a randomly initialised `model_type` with 8 layers and a tokenizer to `path`."""
+    import torch
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **_COMMON, **TINY_CONFIGS[model_type])
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    write_tokenizer(path)
+    return path
+
+
+def write_dataset(path: Path, n: int = 64) -> Path:
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({"text": SENTENCES[i % len(SENTENCES)]}) + "\n")
+    return path
+
+
+def recipe(tmp_path: Path, model_dir: Path, **overrides) -> dict:
+    """A small CPU recipe training `model_dir` on a completion data set with CoFiTune."""
+    data = write_dataset(tmp_path / "data.jsonl")
+    cfg = {
+        "base_model": str(model_dir),
+        "plugins": ["cofitune_plugin.CoFiTunePlugin"],
+        "adapter": "cofitune",
+        "cofitune": {"layers": "25%-50%", "modules": ["ffn"]},
+        "datasets": [{"path": str(data), "ds_type": "json", "type": "completion"}],
+        "dataset_prepared_path": str(tmp_path / "prepared"),
+        "output_dir": str(tmp_path / "out"),
+        "sequence_len": 64,
+        "micro_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "max_steps": 3,
+        "learning_rate": 1e-2,
+        "optimizer": "adamw_torch",
+        "lr_scheduler": "constant",
+        "val_set_size": 0,
+        "bf16": False,
+        "fp16": False,
+        "tf32": False,
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "seed": 0,
+        "dataloader_num_workers": 0,
+    }
+    for key, value in overrides.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def write_recipe(tmp_path: Path, cfg: dict) -> Path:
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_axolotl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run the real `axolotl` CLI of this environment in a subprocess."""
+    axolotl = Path(sys.executable).parent / "axolotl"
+    return subprocess.run(
+        [str(axolotl), *args],
+        cwd=cwd,
+        env={**os.environ, **OFFLINE_ENV},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """One saved tiny model per architecture, shared by the whole session (read-only)."""
+    root = tmp_path_factory.mktemp("models")
+    return {mt: build_tiny_model(root / mt, mt) for mt in TINY_CONFIGS}
