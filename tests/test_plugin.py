@@ -1,0 +1,133 @@
+"""The plugin inside real Axolotl: `axolotl train` trains exactly the selection, bad recipes stop
+at config time, and a recipe whose plugin did not load never becomes a full fine-tune."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from axolotl.cli.config import load_cfg
+from safetensors.torch import load_file
+
+from conftest import recipe, run_axolotl, write_recipe
+
+EXPECTED_TRAINED = {
+    "llama": {f"model.layers.{i}.mlp.{m}.weight" for i in (2, 3) for m in ("up_proj", "down_proj")},
+    "gpt_neox": {
+        f"gpt_neox.layers.{i}.mlp.{m}.{p}"
+        for i in (2, 3)
+        for m in ("dense_h_to_4h", "dense_4h_to_h")
+        for p in ("weight", "bias")
+    },
+    # Checkpoints store experts one by one; in memory they are fused (gate+up), so `ffn` trains
+    # every expert's gate rows too (see architectures.py), and the router stays frozen.
+    "qwen2_moe": {
+        f"model.layers.{i}.mlp.experts.{e}.{m}.weight"
+        for i in (2, 3)
+        for e in range(4)
+        for m in ("gate_proj", "up_proj", "down_proj")
+    }
+    | {
+        f"model.layers.{i}.mlp.shared_expert.{m}.weight"
+        for i in (2, 3)
+        for m in ("up_proj", "down_proj")
+    },
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(EXPECTED_TRAINED))
+def test_axolotl_train_changes_exactly_the_selected_parameters(tmp_path, tiny_models, model_type):
+    cfg_path = write_recipe(tmp_path, recipe(tmp_path, tiny_models[model_type]))
+    result = run_axolotl("train", str(cfg_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "CoFiTune trains layers 2-3" in result.stdout + result.stderr
+
+    before = load_file(tiny_models[model_type] / "model.safetensors")
+    after = load_file(tmp_path / "out" / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed == EXPECTED_TRAINED[model_type]
+
+
+def _load(tmp_path: Path, model_dir: Path, **overrides):
+    return load_cfg(str(write_recipe(tmp_path, recipe(tmp_path, model_dir, **overrides))))
+
+
+def test_recipe_resolves_to_axolotl_unfrozen_parameters(tmp_path, tiny_models):
+    cfg = _load(tmp_path, tiny_models["llama"], cofitune={"layers": "2-3", "modules": ["ffn"]})
+    assert cfg.adapter == "cofitune"
+    assert cfg.cofitune["layers"] == "2-3"
+    assert sorted(cfg.unfrozen_parameters) == [
+        "^model.layers.(2|3).mlp.down_proj.weight$",
+        "^model.layers.(2|3).mlp.up_proj.weight$",
+    ]
+
+
+def test_empty_block_means_the_papers_selection(tmp_path, tiny_models):
+    cfg = _load(tmp_path, tiny_models["llama"], cofitune={})
+    assert "^model.layers.(2|3).mlp.up_proj.weight$" in cfg.unfrozen_parameters
+
+
+BAD_RECIPES = {
+    "window out of range": (
+        {"cofitune": {"layers": "6-9"}},
+        "cofitune.layers: '6-9' reaches layer 9, but the model has 8 layers",
+    ),
+    "empty window": ({"cofitune": {"layers": "0%-10%"}}, "selects no layer of a 8-layer model"),
+    "unknown module": ({"cofitune": {"modules": ["w1"]}}, "cofitune.modules: ['w1'] match no"),
+    "misspelt key": ({"cofitune": {"layer": "25%-50%"}}, "cofitune.layer: Extra inputs"),
+    "bad apply_to": (
+        {"cofitune": {"soft_mask": {"importance": "x", "apply_to": "weights"}}},
+        "cofitune.soft_mask.apply_to",
+    ),
+    "user unfrozen_parameters": (
+        {"unfrozen_parameters": ["^lm_head.weight$"]},
+        "remove `unfrozen_parameters`",
+    ),
+    "no adapter line": ({"adapter": None}, "needs `adapter: cofitune`"),
+    "lora adapter": ({"adapter": "lora"}, "needs `adapter: cofitune` (found adapter: 'lora')"),
+    "adapter without block": ({"cofitune": None}, "adapter: cofitune needs a `cofitune:` block"),
+    "preference training": ({"rl": "dpo"}, "remove `rl`"),
+    "8-bit weights": ({"load_in_8bit": True}, "remove `load_in_8bit`"),
+    "fsdp1": ({"fsdp_config": {"fsdp_version": 1}}, "set `fsdp_version: 2`"),
+    "soft mask under deepspeed": (
+        {"cofitune": {"soft_mask": {"importance": "x"}}, "deepspeed": "ds.json"},
+        "cofitune.soft_mask: not supported under DeepSpeed or FSDP yet",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECIPES))
+def test_bad_recipes_fail_at_config_time_with_the_key_and_fix(tmp_path, tiny_models, case):
+    overrides, message = BAD_RECIPES[case]
+    with pytest.raises(ValueError) as err:
+        _load(tmp_path, tiny_models["llama"], **overrides)
+    assert message in str(err.value)
+
+
+def test_unmapped_architecture_is_refused_by_model_type(tmp_path):
+    model_dir = tmp_path / "gpt2"
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=8, n_embd=32, n_head=4, vocab_size=320)).save_pretrained(
+        model_dir
+    )
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
+        _load(tmp_path, model_dir)
+    cfg = _load(tmp_path, model_dir, cofitune={"modules": ["c_fc"]})
+    assert cfg.unfrozen_parameters == [
+        "^transformer.h.(2|3).mlp.c_fc.weight$",
+        "^transformer.h.(2|3).mlp.c_fc.bias$",
+    ]
+
+
+@pytest.mark.parametrize(
+    "plugins",
+    [["cofitune_plugin_not_installed.CoFiTunePlugin"], None],
+    ids=["plugin-import-fails", "plugin-line-missing"],
+)
+def test_recipe_without_a_working_plugin_never_trains(tmp_path, tiny_models, plugins):
+    cfg = recipe(tmp_path, tiny_models["llama"], plugins=plugins)
+    result = run_axolotl("train", str(write_recipe(tmp_path, cfg)), cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Adapter 'cofitune' is not built in" in result.stdout + result.stderr
+    assert not (tmp_path / "out" / "model.safetensors").exists()
