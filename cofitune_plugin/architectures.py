@@ -19,6 +19,14 @@ class Architecture:
 
     ffn: tuple[str, ...]
     mha: tuple[str, ...]
+    attn_out: str | None = None
+    """Attention output projection: its input holds the per-head outputs (head gates)."""
+    ffn_down: str | None = None
+    """FFN down projection: its input is the intermediate neurons, its output the FFN output.
+    None where experts are fused tensors with no module to hook: soft masks are refused there."""
+    qkv_layout: str = "separate"
+    """`separate` q/k/v modules, `concat` one module with rows [q; k; v], or `interleaved` rows
+    grouped per head as [q_h, k_h, v_h] (GPT-NeoX)."""
     note: str = ""
     """What differs from the paper's Llama definition, shown in the trainable-parameter report."""
 
@@ -29,25 +37,35 @@ class Architecture:
 _LLAMA = Architecture(
     ffn=("mlp.up_proj", "mlp.down_proj"),
     mha=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    attn_out="self_attn.o_proj",
+    ffn_down="mlp.down_proj",
 )
 _PHI3 = Architecture(
     ffn=("mlp.gate_up_proj", "mlp.down_proj"),
     mha=("self_attn.qkv_proj",),
+    attn_out="self_attn.o_proj",
+    ffn_down="mlp.down_proj",
+    qkv_layout="concat",
     note="Phi-3 fuses the gate with the up projection: `ffn` trains the gate rows too.",
 )
 _GPT_NEOX = Architecture(
     ffn=("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
     mha=("attention.query_key_value",),
+    attn_out="attention.dense",
+    ffn_down="mlp.dense_4h_to_h",
+    qkv_layout="interleaved",
 )
 _MOE = Architecture(
     ffn=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
     mha=_LLAMA.mha,
+    attn_out=_LLAMA.attn_out,
     note="MoE experts fuse gate and up projections: `ffn` trains every expert's gate rows too; "
     "the router stays frozen.",
 )
 _QWEN2_MOE = Architecture(
     ffn=(*_MOE.ffn, "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj"),
     mha=_LLAMA.mha,
+    attn_out=_LLAMA.attn_out,
     note=_MOE.note + " The shared expert's up and down projections count as `ffn`.",
 )
 
