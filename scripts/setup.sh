@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Create .venv at the repo root: the CPU build of torch first (any other torch request would pull
+# gigabytes of CUDA wheels), then this project with Axolotl and the demo/test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
+.venv/bin/pip install -q --disable-pip-version-check -e ".[demo,test]"
