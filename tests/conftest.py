@@ -158,3 +158,22 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """One saved tiny model per architecture, shared by the whole session (read-only)."""
     root = tmp_path_factory.mktemp("models")
     return {mt: build_tiny_model(root / mt, mt) for mt in TINY_CONFIGS}
+
+
+@pytest.fixture(scope="session")
+def llama_importance(tmp_path_factory, tiny_models) -> Path:
+    """`axolotl cofitune-importance` run once on the tiny llama; returns the importance dir."""
+    root = tmp_path_factory.mktemp("importance")
+    importance = root / "importance"
+    cfg = recipe(root, tiny_models["llama"], cofitune=soft_mask_block(importance))
+    result = run_axolotl("cofitune-importance", str(write_recipe(root, cfg)), cwd=root)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return importance
+
+
+def soft_mask_block(importance: Path, apply_to: str = "update") -> dict:
+    return {
+        "layers": "25%-50%",
+        "modules": ["ffn+mha"],
+        "soft_mask": {"importance": str(importance), "apply_to": apply_to},
+    }

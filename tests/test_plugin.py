@@ -8,7 +8,7 @@ import torch
 from axolotl.cli.config import load_cfg
 from safetensors.torch import load_file
 
-from conftest import recipe, run_axolotl, write_recipe
+from conftest import recipe, run_axolotl, soft_mask_block, write_recipe
 
 EXPECTED_TRAINED = {
     "llama": {f"model.layers.{i}.mlp.{m}.weight" for i in (2, 3) for m in ("up_proj", "down_proj")},
@@ -89,6 +89,10 @@ BAD_RECIPES = {
     "preference training": ({"rl": "dpo"}, "remove `rl`"),
     "8-bit weights": ({"load_in_8bit": True}, "remove `load_in_8bit`"),
     "fsdp1": ({"fsdp_config": {"fsdp_version": 1}}, "set `fsdp_version: 2`"),
+    "importance not computed yet": (
+        {"cofitune": {"soft_mask": {"importance": "nowhere"}}},
+        "cofitune.soft_mask.importance: no importance in ['nowhere']; compute it first",
+    ),
     "soft mask under deepspeed": (
         {"cofitune": {"soft_mask": {"importance": "x"}}, "deepspeed": "ds.json"},
         "cofitune.soft_mask: not supported under DeepSpeed or FSDP yet",
@@ -131,3 +135,45 @@ def test_recipe_without_a_working_plugin_never_trains(tmp_path, tiny_models, plu
     assert result.returncode != 0
     assert "Adapter 'cofitune' is not built in" in result.stdout + result.stderr
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_update_mask_scales_each_rows_change_by_one_minus_importance(
+    tmp_path, tiny_models, llama_importance
+):
+    """One AdamW step through `axolotl train`, masked and unmasked from the same state: in update
+    mode every selected row moves by exactly (1 - I) times the unmasked move."""
+    from cofitune_plugin.importance import normalize
+
+    deltas = {}
+    base = load_file(tiny_models["llama"] / "model.safetensors")
+    for masked in (False, True):
+        run_dir = tmp_path / ("masked" if masked else "plain")
+        run_dir.mkdir()
+        block = soft_mask_block(llama_importance)
+        if not masked:
+            del block["soft_mask"]
+        cfg = recipe(run_dir, tiny_models["llama"], cofitune=block, max_steps=1)
+        result = run_axolotl("train", str(write_recipe(run_dir, cfg)), cwd=run_dir)
+        assert result.returncode == 0, result.stderr[-4000:]
+        after = load_file(run_dir / "out" / "model.safetensors")
+        deltas[masked] = {name: after[name] - base[name] for name in base}
+
+    raw = load_file(llama_importance / "importance.safetensors")
+    keep = {unit: 1 - normalize(raw[unit]) for unit in raw}
+    for layer in (2, 3):
+        prefix = f"model.layers.{layer}"
+        expected_keep = {
+            "mlp.up_proj": keep["intermediate"][layer],
+            "mlp.down_proj": keep["output"][layer],
+            "self_attn.q_proj": keep["head"][layer].repeat_interleave(8),
+            # GQA: 2 kv heads serve query heads (0, 1) and (2, 3): the larger I wins
+            "self_attn.k_proj": keep["head"][layer].view(2, 2).amin(1).repeat_interleave(8),
+        }
+        for module, rows in expected_keep.items():
+            name = f"{prefix}.{module}.weight"
+            torch.testing.assert_close(
+                deltas[True][name], rows[:, None] * deltas[False][name], rtol=1e-4, atol=1e-7
+            )
+            assert deltas[False][name].abs().sum() > 0
+    untouched = [n for n in base if not n.startswith(("model.layers.2.", "model.layers.3."))]
+    assert all(torch.equal(deltas[True][n], deltas[False][n]) for n in untouched)
