@@ -1,11 +1,12 @@
-"""How much the model's general ability relies on each unit: attention heads, FFN neurons, FFN outputs.
+"""How much a model's general ability relies on each unit: heads, FFN neurons, FFN outputs.
 
 CoFiTune's fine level (after DAS, Ke et al. ICLR 2023) protects the units a model's versatility
 depends on. Their importance is measured once, before training, without labels: all-ones virtual
-gates are attached to every head output, FFN intermediate neuron and FFN output dimension, each batch
-runs twice in train mode with a little dropout noise injected, and the gradient of the KL divergence
-between the two passes with respect to each gate says how much that unit moves the output
-distribution. The gates are forward hooks, so any supported Hugging Face model works unmodified.
+gates are attached to every head output, FFN intermediate neuron and FFN output dimension, each
+batch runs twice in train mode with a little dropout noise injected, and the gradient of the KL
+divergence between the two passes with respect to each gate says how much that unit moves the
+output distribution. The gates are forward hooks, so any supported Hugging Face model works
+unmodified.
 
 This module is plain PyTorch: `plugin.py` and the CLI feed it batches and store what it returns.
 """

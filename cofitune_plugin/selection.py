@@ -134,7 +134,7 @@ class Selection:
         """Element counts grouped by (layer index, module path inside the layer)."""
         counts: dict[tuple[int, str], int] = defaultdict(int)
         for name, numel in self.parameters.items():
-            layer, path = _split(name, self.layer_prefix)
+            layer, path = split_layer_name(name, self.layer_prefix)
             counts[layer, path.removesuffix(".weight").removesuffix(".bias")] += numel
         return dict(counts)
 
@@ -142,7 +142,7 @@ class Selection:
         """Regexes in Axolotl's `unfrozen_parameters` dialect (a `.` means a literal dot)."""
         layers_of: dict[str, list[int]] = defaultdict(list)
         for name in self.parameters:
-            layer, path = _split(name, self.layer_prefix)
+            layer, path = split_layer_name(name, self.layer_prefix)
             layers_of[path].append(layer)
         return [
             f"^{self.layer_prefix}.({'|'.join(map(str, layers))}).{path}$"
@@ -195,7 +195,7 @@ def select_parameters(
     for name, param in model.named_parameters():
         if not name.startswith(prefix + "."):
             continue
-        layer, path = _split(name, prefix)
+        layer, path = split_layer_name(name, prefix)
         if layer not in wanted:
             continue
         parts = path.split(".")
@@ -221,7 +221,7 @@ def select_parameters(
     )
 
 
-def _split(name: str, prefix: str) -> tuple[int, str]:
+def split_layer_name(name: str, prefix: str) -> tuple[int, str]:
     """`model.layers.7.mlp.up_proj.weight` -> (7, `mlp.up_proj.weight`)."""
     index, _, path = name[len(prefix) + 1 :].partition(".")
     return int(index), path

@@ -20,7 +20,7 @@ from torch.optim import Optimizer
 
 from cofitune_plugin.architectures import Architecture
 from cofitune_plugin.importance import NormalizedImportance
-from cofitune_plugin.selection import Selection, _split
+from cofitune_plugin.selection import Selection, split_layer_name
 
 
 class SoftMaskError(ValueError):
@@ -69,7 +69,7 @@ def row_masks(
     masks: dict[str, Tensor] = {}
     for name in selection.parameters:
         param = model.get_parameter(name)
-        layer, path = _split(name, selection.layer_prefix)
+        layer, path = split_layer_name(name, selection.layer_prefix)
         module_path = path.rpartition(".")[0]
         if param.dim() > 2:
             raise SoftMaskError(
@@ -206,7 +206,9 @@ class SoftMask:
     def attach_optimizer(self, optimizer: Optimizer) -> None:
         """Mask the updates `optimizer` makes (update mode). Pass the torch optimizer itself."""
         if self.apply_to != "update":
-            raise RuntimeError("attach_optimizer is for apply_to='update'; gradient masks need none")
+            raise RuntimeError(
+                "attach_optimizer is for apply_to='update'; gradient masks need none"
+            )
         if self._previous:
             raise RuntimeError("this SoftMask is already attached to an optimizer")
         self._previous = [torch.empty_like(param) for param in self._parameters]

@@ -24,6 +24,15 @@ from conftest import _COMMON, TINY_CONFIGS, VOCAB_SIZE
 LAYER_PREFIX = {"gpt_neox": "gpt_neox.layers"}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; two contend badly when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     config = AutoConfig.for_model(model_type, **_COMMON, **TINY_CONFIGS[model_type])
