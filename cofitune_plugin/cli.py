@@ -53,7 +53,13 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
         raise click.ClickException(
             f"{output} already holds an importance; pass --overwrite or choose --output"
         )
-    overrides: dict = {"cofitune__soft_mask": None}
+    # Unpacked batches (the KL must not mix packed samples) and checkpointing that lets
+    # `autograd.grad` reach the gates (reentrant checkpointing hides them).
+    overrides: dict = {
+        "cofitune__soft_mask": None,
+        "sample_packing": False,
+        "gradient_checkpointing_kwargs__use_reentrant": False,
+    }
     if soft_mask.datasets:
         overrides["datasets"] = soft_mask.datasets
     cfg = load_cfg(config, **overrides)

@@ -137,11 +137,16 @@ def test_recipe_without_a_working_plugin_never_trains(tmp_path, tiny_models, plu
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
-def test_update_mask_scales_each_rows_change_by_one_minus_importance(
-    tmp_path, tiny_models, llama_importance
+@pytest.mark.parametrize(
+    ("apply_to", "optimizer"), [("update", "adamw_torch"), ("gradient", "sgd")]
+)
+def test_soft_mask_scales_each_rows_change_by_one_minus_importance(
+    tmp_path, tiny_models, llama_importance, apply_to, optimizer
 ):
-    """One AdamW step through `axolotl train`, masked and unmasked from the same state: in update
-    mode every selected row moves by exactly (1 - I) times the unmasked move."""
+    """One step through `axolotl train`, masked and unmasked from the same state: every selected
+    row moves by exactly (1 - I) times the unmasked move. `update` mode holds this for AdamW;
+    `gradient` mode for plain SGD (no momentum, no weight decay, no clipping), where the step is
+    linear in the gradient."""
     from cofitune_plugin.importance import normalize
 
     deltas = {}
@@ -149,10 +154,18 @@ def test_update_mask_scales_each_rows_change_by_one_minus_importance(
     for masked in (False, True):
         run_dir = tmp_path / ("masked" if masked else "plain")
         run_dir.mkdir()
-        block = soft_mask_block(llama_importance)
+        block = soft_mask_block(llama_importance, apply_to)
         if not masked:
             del block["soft_mask"]
-        cfg = recipe(run_dir, tiny_models["llama"], cofitune=block, max_steps=1)
+        cfg = recipe(
+            run_dir,
+            tiny_models["llama"],
+            cofitune=block,
+            max_steps=1,
+            optimizer=optimizer,
+            weight_decay=0.0,
+            max_grad_norm=0.0,
+        )
         result = run_axolotl("train", str(write_recipe(run_dir, cfg)), cwd=run_dir)
         assert result.returncode == 0, result.stderr[-4000:]
         after = load_file(run_dir / "out" / "model.safetensors")
