@@ -5,9 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/offline.env
-.venv/bin/python -m cofitune_plugin.demo --out demo
+source .venv/bin/activate  # `axolotl train` launches `accelerate` from PATH
+python -m cofitune_plugin.demo --out demo
 if [ ! -f demo/importance/manifest.json ]; then
-  .venv/bin/axolotl cofitune-importance recipes/cofitune-smollm2.yml --max-batches 8
+  axolotl cofitune-importance recipes/cofitune-smollm2.yml --max-batches 8
 fi
-.venv/bin/axolotl train recipes/cofitune-smollm2.yml
+axolotl train recipes/cofitune-smollm2.yml
 echo "CoFiTune model written to $(pwd)/demo/outputs/cofitune-smollm2"

@@ -4,5 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/offline.env
-.venv/bin/ruff check cofitune_plugin tests
-.venv/bin/python -m pytest -q tests "$@"
+source .venv/bin/activate  # `axolotl train` launches `accelerate` from PATH
+ruff check cofitune_plugin tests
+python -m pytest -q tests "$@"

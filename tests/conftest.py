@@ -142,11 +142,11 @@ def write_recipe(tmp_path: Path, cfg: dict) -> Path:
 
 def run_axolotl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run the real `axolotl` CLI of this environment in a subprocess."""
-    axolotl = Path(sys.executable).parent / "axolotl"
+    bin_dir = Path(sys.executable).parent  # `axolotl train` execs `accelerate` from PATH
     return subprocess.run(
-        [str(axolotl), *args],
+        [str(bin_dir / "axolotl"), *args],
         cwd=cwd,
-        env={**os.environ, **OFFLINE_ENV},
+        env={**os.environ, **OFFLINE_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"},
         capture_output=True,
         text=True,
         timeout=900,
