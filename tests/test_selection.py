@@ -71,7 +71,10 @@ def _layer_paths(selection) -> set[tuple[int, str]]:
     return set(selection.by_layer_and_module())
 
 
+_LLAMA_FFN = {"mlp.up_proj", "mlp.down_proj"}
 EXPECTED_FFN = {
+    **dict.fromkeys(["mistral", "gemma", "gemma3_text", "olmo2", "granite"], _LLAMA_FFN),
+    "qwen3_moe": {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"},
     "llama": {"mlp.up_proj", "mlp.down_proj"},
     "qwen2": {"mlp.up_proj", "mlp.down_proj"},
     "qwen3": {"mlp.up_proj", "mlp.down_proj"},
