@@ -7,9 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+)
 
 OFFLINE_ENV = {
     "AXOLOTL_DO_NOT_TRACK": "1",
@@ -91,13 +97,29 @@ def write_tokenizer(path: Path) -> None:
     ).save_pretrained(path)
 
 
+def tiny_config(model_type: str, **extra) -> PretrainedConfig:
+    """An 8-layer, 32-wide config of `model_type` (4 query heads, 2 key/value heads)."""
+    return AutoConfig.for_model(model_type, **{**_COMMON, **TINY_CONFIGS[model_type], **extra})
+
+
+def tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised tiny `model_type`, the same for the same seed."""
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(model_type))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; two contend badly when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def build_tiny_model(path: Path, model_type: str, seed: int = 0) -> Path:
     """Save a randomly initialised `model_type` with 8 layers and a tokenizer to `path`."""
-    import torch
-
-    torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, **_COMMON, **TINY_CONFIGS[model_type])
-    model = AutoModelForCausalLM.from_config(config)
+    model = tiny_model(model_type, seed)
     model.save_pretrained(path)
     write_tokenizer(path)
     return path

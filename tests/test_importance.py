@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 import torch.distributed as dist
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from cofitune_plugin.architectures import architecture_for
 from cofitune_plugin.importance import (
@@ -19,24 +18,12 @@ from cofitune_plugin.importance import (
     normalize,
     save_importance,
 )
-from conftest import _COMMON, TINY_CONFIGS, VOCAB_SIZE
+from conftest import VOCAB_SIZE, tiny_model
 
 LAYER_PREFIX = {"gpt_neox": "gpt_neox.layers"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two contend badly when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, **_COMMON, **TINY_CONFIGS[model_type])
-    return AutoModelForCausalLM.from_config(config)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batches(n: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:

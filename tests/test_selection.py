@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from cofitune_plugin.architectures import UnsupportedArchitectureError
 from cofitune_plugin.selection import (
@@ -12,6 +12,7 @@ from cofitune_plugin.selection import (
     resolve_layers,
     select_parameters,
 )
+from conftest import tiny_config
 
 
 @pytest.mark.parametrize(
@@ -59,12 +60,9 @@ def test_modules_flatten_and_check_syntax():
         parse_modules(["mlp.up_proj"])
 
 
-def _tiny(model_type: str, **extra) -> torch.nn.Module:
-    from conftest import _COMMON, TINY_CONFIGS
-
-    config = AutoConfig.for_model(model_type, **{**_COMMON, **TINY_CONFIGS[model_type], **extra})
+def _tiny(model_type: str) -> torch.nn.Module:
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(tiny_config(model_type))
 
 
 def _layer_paths(selection) -> set[tuple[int, str]]:

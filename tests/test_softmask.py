@@ -11,32 +11,23 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from cofitune_plugin.architectures import architecture_for
 from cofitune_plugin.importance import NormalizedImportance
 from cofitune_plugin.selection import Selection, select_parameters
 from cofitune_plugin.softmask import SoftMask, SoftMaskError, row_masks
-from conftest import _COMMON, TINY_CONFIGS, VOCAB_SIZE
+from conftest import VOCAB_SIZE, tiny_model
 
 N_HEADS, N_KV_HEADS, HEAD_DIM, D_FF, D_MODEL = 4, 2, 8, 64, 32
 # Exactness checks run in float64: float32 cannot resolve a small change of a larger weight.
 TIGHT = {"rtol": 1e-9, "atol": 1e-15}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two contend badly when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_model(model_type: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, **_COMMON, **TINY_CONFIGS[model_type])
-    return AutoModelForCausalLM.from_config(config).to(dtype)
+def tiny_model_in(model_type: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    return tiny_model(model_type).to(dtype)
 
 
 def random_importance(seed: int = 0) -> NormalizedImportance:
@@ -143,7 +134,7 @@ PAPER_MODULES = {
 
 @pytest.mark.parametrize("model_type", ["llama", "phi3", "gpt_neox"])
 def test_row_masks_follow_each_layout(model_type):
-    model, imp = tiny_model(model_type), random_importance()
+    model, imp = tiny_model_in(model_type), random_importance()
     masks = masks_for(model, model_type, imp)
     expected = expected_masks(model, model_type, imp)
     assert masks.keys() == expected.keys()
@@ -165,7 +156,7 @@ def test_masked_rows_feed_the_head_they_are_named_after(model_type, attention, q
     """Perturbing the rows masked for head 1 changes head 1's output (and, with GQA, its group
     partner's through the shared key/value head); perturbing every other row leaves head 1 alone.
     This checks the row layouts against the modeling code itself."""
-    model = tiny_model(model_type)
+    model = tiny_model_in(model_type)
     layers = model.get_submodule("gpt_neox.layers" if model_type == "gpt_neox" else "model.layers")
     imp = NormalizedImportance(
         head=torch.zeros(8, N_HEADS), intermediate=torch.zeros(8, D_FF), output=torch.zeros(8, 32)
@@ -203,7 +194,7 @@ def test_masked_rows_feed_the_head_they_are_named_after(model_type, attention, q
 
 
 def test_raw_modules_are_refused_naming_the_parameter():
-    model = tiny_model("llama")
+    model = tiny_model_in("llama")
     selection = selected(model, "llama", modules=("ffn", "o_proj"))
     with pytest.raises(SoftMaskError, match=r"model\.layers\.2\.self_attn\.o_proj\.weight"):
         row_masks(
@@ -212,7 +203,7 @@ def test_raw_modules_are_refused_naming_the_parameter():
 
 
 def test_moe_is_refused():
-    model = tiny_model("mixtral")
+    model = tiny_model_in("mixtral")
     selection = selected(model, "mixtral", modules=("ffn",))
     with pytest.raises(SoftMaskError, match="'mixtral'"):
         row_masks(
@@ -223,7 +214,10 @@ def test_moe_is_refused():
 @pytest.mark.parametrize("model_type", ["llama", "phi3", "gpt_neox"])
 def test_sgd_gradient_mask_scales_each_row_change(model_type):
     imp = random_importance()
-    masked, plain = tiny_model(model_type, torch.float64), tiny_model(model_type, torch.float64)
+    masked, plain = (
+        tiny_model_in(model_type, torch.float64),
+        tiny_model_in(model_type, torch.float64),
+    )
     expected = expected_masks(plain, model_type, imp)
     soft_mask = SoftMask(masked, masks_for(masked, model_type, imp), "gradient")
     start = snapshot(plain, expected)
@@ -244,7 +238,7 @@ def test_sgd_gradient_mask_scales_each_row_change(model_type):
 
 def test_adamw_update_mask_keeps_mask_times_the_change_over_two_steps():
     imp = random_importance()
-    masked, reference = tiny_model("llama", torch.float64), tiny_model("llama", torch.float64)
+    masked, reference = tiny_model_in("llama", torch.float64), tiny_model_in("llama", torch.float64)
     masks = masks_for(masked, "llama", imp)
     selected(reference, "llama")
     soft_mask = SoftMask(masked, masks, "update")
@@ -277,7 +271,10 @@ def test_adamw_update_mask_keeps_mask_times_the_change_over_two_steps():
 
 def test_gradient_mask_with_accumulation_equals_one_big_batch():
     imp = random_importance()
-    accumulated, whole = tiny_model("llama", torch.float64), tiny_model("llama", torch.float64)
+    accumulated, whole = (
+        tiny_model_in("llama", torch.float64),
+        tiny_model_in("llama", torch.float64),
+    )
     masks = masks_for(accumulated, "llama", imp)
     SoftMask(accumulated, masks, "gradient")
     SoftMask(whole, masks_for(whole, "llama", imp), "gradient")
@@ -298,7 +295,7 @@ def test_gradient_mask_with_accumulation_equals_one_big_batch():
 @pytest.mark.parametrize("apply_to", ["gradient", "update"])
 def test_remove_restores_unmasked_training(apply_to):
     imp = random_importance()
-    masked, plain = tiny_model("llama"), tiny_model("llama")
+    masked, plain = tiny_model_in("llama"), tiny_model_in("llama")
     soft_mask = SoftMask(masked, masks_for(masked, "llama", imp), apply_to)
     names = list(masks_for(plain, "llama", imp))
     optimizers = [
@@ -334,7 +331,7 @@ def train_two_steps(model, masks, apply_to: str, batches: list[dict]) -> dict[st
 
 def ddp_run(apply_to: str, rank: int, world_size: int) -> dict[str, torch.Tensor]:
     """This rank's share of the batches through DDP; the DDP object dies when this returns."""
-    model = tiny_model("llama", torch.float64)
+    model = tiny_model_in("llama", torch.float64)
     masks = masks_for(model, "llama", random_importance())
     batches = [split(token_batch(seed=s), rank, world_size) for s in range(2)]
     return train_two_steps(DistributedDataParallel(model), masks, apply_to, batches)
@@ -376,7 +373,7 @@ def test_ddp_on_two_processes_matches_one_process_on_the_full_batch(tmp_path):
                 process.kill()
             pytest.fail("the DDP workers did not finish within 120 s")
     for apply_to in ("gradient", "update"):
-        model = tiny_model("llama", torch.float64)
+        model = tiny_model_in("llama", torch.float64)
         masks = masks_for(model, "llama", random_importance())
         single = train_two_steps(model, masks, apply_to, [token_batch(seed=s) for s in range(2)])
         distributed = torch.load(tmp_path / f"{apply_to}.pt")
