@@ -226,14 +226,13 @@ class SoftMask:
 
     @torch.no_grad()
     def _remember(self, optimizer: Optimizer, args: tuple, kwargs: dict) -> None:
-        for previous, param in zip(self._previous, self._parameters):
-            previous.copy_(param)
+        torch._foreach_copy_(self._previous, self._parameters)
 
     @torch.no_grad()
     def _keep_masked_change(self, optimizer: Optimizer, args: tuple, kwargs: dict) -> None:
-        # p_new + (p_old - p_new) * (1 - mask) == p_old + mask * (p_new - p_old), in place.
-        for previous, param, undo in zip(self._previous, self._parameters, self._row_factors):
-            param.add_(previous.sub_(param).mul_(undo))
+        # p_new + (1 - mask) * (p_old - p_new) == p_old + mask * (p_new - p_old): one fused
+        # pass per tensor (lerp) where sub_, mul_, add_ made three.
+        torch._foreach_lerp_(self._parameters, self._previous, self._row_factors)
 
 
 def _scaled_by(factor: Tensor):

@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/offline.env
 source .venv/bin/activate  # `axolotl train` launches `accelerate` from PATH
-ruff check cofitune_plugin tests
+ruff check cofitune_plugin tests benchmarks
 python -m pytest -q tests "$@"
