@@ -127,20 +127,26 @@ class CoFiTunePlugin(BasePlugin):
                 f"{sum(model.get_parameter(name).numel() for name in trained):,}",
             )
         if config.soft_mask:
-            soft_mask = _build_soft_mask(model, selection, config, lora)
-            if soft_mask.apply_to == "update":
-                trainer.add_callback(_MaskOptimizerUpdates(soft_mask))
+            trainer.add_callback(
+                _SoftMaskDuringTraining(_build_soft_mask(model, selection, config, lora))
+            )
 
 
-class _MaskOptimizerUpdates(TrainerCallback):
-    """Hands the optimizer to the soft mask once the Trainer has built it."""
+class _SoftMaskDuringTraining(TrainerCallback):
+    """Keeps the soft mask exactly as long as `trainer.train()`: hands it the optimizer once the
+    Trainer has built it (update mode) and removes its hooks at the end, so a later evaluation or
+    a second trainer on the same model (the search, the benchmarks) is never masked."""
 
     def __init__(self, soft_mask: SoftMask) -> None:
         self.soft_mask = soft_mask
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs) -> None:
-        # Accelerate wraps the optimizer; step hooks must sit on the torch optimizer it steps.
-        self.soft_mask.attach_optimizer(getattr(optimizer, "optimizer", optimizer))
+        if self.soft_mask.apply_to == "update":
+            # Accelerate wraps the optimizer; step hooks must sit on the torch optimizer it steps.
+            self.soft_mask.attach_optimizer(getattr(optimizer, "optimizer", optimizer))
+
+    def on_train_end(self, args, state, control, **kwargs) -> None:
+        self.soft_mask.remove()
 
 
 def importance_dirs(importance: str | list[str]) -> list[Path]:

@@ -11,22 +11,25 @@ from cofitune_plugin.search import BaseRecord, SearchResult  # noqa: E402
 from cofitune_plugin.selection import compact_layers  # noqa: E402
 
 
-def pareto_front(result: SearchResult) -> set[str]:
-    """Keys of trials that no other trial beats on both normalised axes."""
-    points = {
-        t.key: (result.scores[t.key].speciality, result.scores[t.key].versatility)
-        for t in result.visited
-    }
+def pareto_front(points: dict[str, tuple[float, float]]) -> set[str]:
+    """Keys of the points (x, y) that no other point matches or beats on both axes."""
     return {
         key
-        for key, (s, v) in points.items()
-        if not any(s2 >= s and v2 >= v and (s2, v2) != (s, v) for s2, v2 in points.values())
+        for key, (x, y) in points.items()
+        if not any(x2 >= x and y2 >= y and (x2, y2) != (x, y) for x2, y2 in points.values())
     }
+
+
+def _search_front(result: SearchResult) -> set[str]:
+    scores = result.scores
+    return pareto_front(
+        {t.key: (scores[t.key].speciality, scores[t.key].versatility) for t in result.visited}
+    )
 
 
 def markdown_table(result: SearchResult, base: BaseRecord, metric: str, total: int) -> str:
     """One row per trial in visiting order; the chosen one in bold, the Pareto front marked."""
-    front = pareto_front(result)
+    front = _search_front(result)
     spec_name = "held-out NLL" if metric == "loss" else "exact match"
     tasks = list(base.tasks)
     lines = [
@@ -56,7 +59,7 @@ def markdown_table(result: SearchResult, base: BaseRecord, metric: str, total: i
 
 def pareto_plot(result: SearchResult, path: Path) -> None:
     """Normalised speciality against versatility; the Pareto front joined, the chosen starred."""
-    front = pareto_front(result)
+    front = _search_front(result)
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     for t in result.visited:
         s = result.scores[t.key]

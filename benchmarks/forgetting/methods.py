@@ -1,0 +1,167 @@
+"""The fine-tuning methods the forgetting benchmark compares, each as its users run it.
+
+A method decides what trains: a set of parameters (full fine-tuning, layer freezing, Spectrum,
+HFT, CoFiTune's selections) or LoRA adapters. CoFiTune's methods go through the plugin (its
+selection, its report and its soft masks); the others do what their own tools do, written here
+in a few lines of PyTorch because none of them is an Axolotl option.
+"""
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from cofitune_plugin.selection import find_decoder_layers
+
+# Linear module types inside a decoder layer, as Spectrum names them ("mlp.down_proj").
+LINEAR_TYPES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the benchmark's table.
+
+    `kind`: "base" (no training), "full", "lora", "params" (the names `trainable` returns) or
+    "cofitune" (the plugin's selection `layers` x `modules`, with `soft_mask` None, "update" or
+    "gradient"). `layers == "search"` takes the selection `axolotl cofitune-search` chose.
+    """
+
+    name: str
+    kind: str
+    learning_rates: tuple[float, ...] = ()
+    description: str = ""
+    layers: str | None = None
+    modules: str | None = None
+    soft_mask: str | None = None
+    lora: dict = field(default_factory=dict)
+
+
+def all_methods(full_lrs: tuple[float, ...], lora_lrs: tuple[float, ...]) -> list[Method]:
+    cofitune = {
+        "kind": "cofitune",
+        "learning_rates": full_lrs,
+        "layers": "25%-50%",
+        "modules": "ffn",
+    }
+    return [
+        Method("base", "base", description="the aligned model, not trained"),
+        Method("full", "full", full_lrs, "full fine-tuning"),
+        Method(
+            "lora",
+            "lora",
+            lora_lrs,
+            "LoRA r=16, alpha=32, on all linear layers (PEFT `all-linear`)",
+            lora={"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"},
+        ),
+        Method("freeze", "params", full_lrs, "LLaMA-Factory freeze: the last 25% of layers"),
+        Method("spectrum", "params", full_lrs, "Spectrum: top 25% weight SNR per module type"),
+        Method("hft", "params", full_lrs, "HFT: a random half of each layer's matrices"),
+        Method("cofitune", description="CoFiTune coarse: ffn in 25%-50%", **cofitune),
+        Method(
+            "cofitune+mask-update",
+            description="CoFiTune coarse + soft mask (update)",
+            soft_mask="update",
+            **cofitune,
+        ),
+        Method(
+            "cofitune+mask-gradient",
+            description="CoFiTune coarse + soft mask (gradient, the paper's)",
+            soft_mask="gradient",
+            **cofitune,
+        ),
+        Method(
+            "cofitune-search",
+            "cofitune",
+            full_lrs,
+            "CoFiTune: the selection `axolotl cofitune-search` chose",
+            layers="search",
+        ),
+    ]
+
+
+def trainable_names(method: Method, model: nn.Module, seed: int) -> list[str]:
+    """The parameters a "params" method trains on `model`."""
+    layers = _decoder_layers(model)
+    if method.name == "freeze":
+        return last_layers(layers, share=0.25)
+    if method.name == "spectrum":
+        return spectrum_selection(model, layers, top_share=0.25)
+    if method.name == "hft":
+        return half_of_each_layer(layers, seed)
+    raise ValueError(f"{method.name}: not a parameter-selection method")
+
+
+def last_layers(layers: dict[int, tuple[str, nn.Module]], share: float) -> list[str]:
+    """LLaMA-Factory's `finetuning_type: freeze`: every parameter of the last layers
+    (`freeze_trainable_layers` = share x depth, `freeze_trainable_modules: all`)."""
+    count = max(1, round(len(layers) * share))
+    return [
+        f"{prefix}.{name}"
+        for index, (prefix, layer) in layers.items()
+        if index >= len(layers) - count
+        for name, _ in layer.named_parameters()
+    ]
+
+
+def spectrum_selection(
+    model: nn.Module, layers: dict[int, tuple[str, nn.Module]], top_share: float
+) -> list[str]:
+    """Spectrum's choice: per linear module type, the layers whose weight has the highest
+    signal-to-noise ratio (singular values above the Marchenko-Pastur edge of a noise level
+    estimated from their interquartile range, over those below, divided by the largest), the top
+    `top_share` of them (rounded down); plus the embeddings and the LM head, which Spectrum's
+    generated `unfrozen_parameters` always include."""
+    chosen = []
+    for module_type in LINEAR_TYPES:
+        ranked = sorted(
+            (
+                (weight_snr(layer.get_submodule(module_type).weight), f"{prefix}.{module_type}")
+                for prefix, layer in layers.values()
+            ),
+            reverse=True,
+        )
+        chosen += [f"{name}.weight" for _, name in ranked[: int(len(ranked) * top_share)]]
+    always = ("lm_head.weight", "model.embed_tokens.weight")
+    named = dict(model.named_parameters())  # tied weights appear once, under the first name
+    return chosen + [name for name in always if name in named]
+
+
+@torch.no_grad()
+def weight_snr(weight: torch.Tensor) -> float:
+    values = torch.linalg.svdvals(weight.detach().float())
+    q25, q75 = torch.quantile(values, torch.tensor([0.25, 0.75]))
+    sigma = (q75 - q25) / 1.349  # the IQR of a normal distribution is 1.349 sigma
+    rows, cols = weight.shape
+    beta = min(rows, cols) / max(rows, cols)
+    edge = sigma * (1 + beta**0.5)
+    signal, noise = values[values > edge].sum(), values[values <= edge].sum()
+    return float(signal / noise / values[0]) if noise > 0 else float("inf")
+
+
+def half_of_each_layer(layers: dict[int, tuple[str, nn.Module]], seed: int) -> list[str]:
+    """HFT (Hui et al., 2024): in every layer, train a random half of the attention matrices
+    (2 of 4) and of the FFN matrices (alternately 1 and 2 of 3), freeze the rest; norms and
+    embeddings stay frozen. A new half per seed."""
+    rng = random.Random(seed)
+    attention = [t for t in LINEAR_TYPES if t.startswith("self_attn")]
+    ffn = [t for t in LINEAR_TYPES if t.startswith("mlp")]
+    chosen = []
+    for index, (prefix, _) in layers.items():
+        picked = rng.sample(attention, 2) + rng.sample(ffn, 1 + index % 2)
+        chosen += [f"{prefix}.{module_type}.weight" for module_type in picked]
+    return chosen
+
+
+def _decoder_layers(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
+    prefix = find_decoder_layers(model, model.config.num_hidden_layers)
+    stack = model.get_submodule(prefix)
+    return {i: (f"{prefix}.{i}", layer) for i, layer in enumerate(stack)}
