@@ -209,3 +209,30 @@ def test_resuming_from_a_checkpoint_continues_the_masked_run_exactly(
         else:
             assert torch.equal(checkpoint[name], base[name]), name
         assert torch.equal(finals["resumed"][name], finals["straight"][name]), name
+
+
+@pytest.mark.parametrize("apply_to", ["gradient", "update"])
+def test_soft_mask_acts_only_while_training(apply_to):
+    """The plugin's callback masks from `on_train_begin` to `on_train_end` and not after, so an
+    evaluation or a second trainer on the same model (the search, the benchmarks) is unmasked."""
+    from cofitune_plugin.plugin import _SoftMaskDuringTraining
+    from cofitune_plugin.softmask import SoftMask
+
+    model = torch.nn.Linear(4, 3)
+    keep = torch.tensor([0.0, 0.5, 1.0])  # kept fraction per row: 1 - importance
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    callback = _SoftMaskDuringTraining(SoftMask(model, {"weight": keep}, apply_to=apply_to))
+
+    def change() -> torch.Tensor:  # the gradient of this loss is 2 everywhere, whatever the weights
+        before = model.weight.detach().clone()
+        model(torch.ones(2, 4)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return model.weight.detach() - before
+
+    callback.on_train_begin(None, None, None, optimizer=optimizer)
+    masked = change()
+    callback.on_train_end(None, None, None)
+    unmasked = change()
+    assert torch.allclose(unmasked, torch.full((3, 4), -2.0))
+    assert torch.allclose(masked, unmasked * keep[:, None])

@@ -35,14 +35,16 @@ BASE_RECIPE = REPO / "recipes" / "cofitune-smollm2.yml"
 # DESIGN.md's H100 setting (300 steps of batch 8 at lr 2e-4 make full fine-tuning forget).
 BUDGETS = {
     "cpu": {
-        "training": "20 steps of batch 4, cosine schedule, AdamW, float32",
-        "recipe": {"max_steps": 20, "micro_batch_size": 4, "bf16": False},
+        "training": "20 steps of batch 2, cosine schedule, AdamW, float32",
+        "speciality_metric": "heldout_nll",  # 20 steps leave exact match near the floor
+        "recipe": {"max_steps": 20, "micro_batch_size": 2, "bf16": False},
         "learning_rates": {"full_lrs": [1e-4, 3e-4], "lora_lrs": [5e-4, 2e-3]},
         "importance_batches": 8,
         "search_trial": {"max_steps": 4, "micro_batch_size": 2},
         "evaluation": {
             "speciality_limit": 40,
-            "speciality_tokens": 80,
+            "exact_match_limit": 20,
+            "speciality_tokens": 72,
             "prompts_limit": 16,
             "answer_tokens": 32,
             "batch_size": 40,
@@ -50,12 +52,14 @@ BUDGETS = {
     },
     "smoke": {  # minutes: checks the pipeline end to end, measures nothing
         "training": "2 steps of batch 2",
+        "speciality_metric": "heldout_nll",
         "recipe": {"max_steps": 2, "micro_batch_size": 2, "bf16": False},
         "learning_rates": {"full_lrs": [1e-4], "lora_lrs": [1e-3]},
         "importance_batches": 1,
         "search_trial": {"max_steps": 1, "micro_batch_size": 2},
         "evaluation": {
             "speciality_limit": 2,
+            "exact_match_limit": 2,
             "speciality_tokens": 8,
             "prompts_limit": 2,
             "answer_tokens": 4,
@@ -64,12 +68,14 @@ BUDGETS = {
     },
     "gpu": {
         "training": "300 steps of batch 8, cosine schedule, AdamW, bf16",
+        "speciality_metric": "exact_match",
         "recipe": {"max_steps": 300, "micro_batch_size": 8, "bf16": True},
         "learning_rates": {"full_lrs": [5e-5, 2e-4, 5e-4], "lora_lrs": [2e-4, 1e-3, 3e-3]},
         "importance_batches": 32,
         "search_trial": {"max_steps": 50, "micro_batch_size": 8},
         "evaluation": {
             "speciality_limit": 200,
+            "exact_match_limit": 200,
             "speciality_tokens": 160,
             "prompts_limit": 40,
             "answer_tokens": 64,
@@ -96,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     plan = {
         "budget": args.budget,
         "training": budget["training"],
+        "speciality_metric": budget["speciality_metric"],
         "seeds": list(range(args.seeds)),
         "learning_rates": budget["learning_rates"],
         "evaluation": {

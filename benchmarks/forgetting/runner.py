@@ -191,7 +191,7 @@ class Session:
         exact = speciality(
             model,
             self.tokenizer,
-            self.special,
+            self.special[: evaluation["exact_match_limit"]],
             "exact_match",
             evaluation["answer_regex"],
             evaluation["speciality_tokens"],

@@ -1,7 +1,9 @@
 """The benchmark's scores, from its records alone (so they can be recomputed at any time).
 
-- Spec: held-out exact match over that of full fine-tuning (its best seed-0 run while sweeping,
-  its reported mean in the table): how much of plain fine-tuning's domain gain a method gets.
+- Spec: the share of full fine-tuning's domain gain a method gets, (run - base) / (full - base),
+  on the plan's speciality metric: held-out exact match, or the held-out answers' NLL (lower is
+  better) where a short budget leaves exact match near the floor. Full fine-tuning's reference is
+  its best seed-0 run while sweeping and its reported mean in the table.
 - Vers: base NLL / run NLL of the base model's own greedy answers to general prompts (1.0: the
   general behaviour is untouched).
 - Uni = (Spec + Vers) / 2, the paper's unified score.
@@ -31,16 +33,21 @@ def versatility(run: dict, base: dict) -> float:
     return base["retention_nll"] / run["retention_nll"]
 
 
-def uni(run: dict, base: dict, reference_exact_match: float) -> float:
-    spec = run["exact_match"] / reference_exact_match if reference_exact_match > 0 else 0.0
-    return (spec + versatility(run, base)) / 2
+def speciality(run: dict, base: dict, reference: float, metric: str) -> float:
+    gain = reference - base[metric]
+    return (run[metric] - base[metric]) / gain if gain != 0 else 0.0
+
+
+def uni(run: dict, base: dict, reference: float, metric: str) -> float:
+    return (speciality(run, base, reference, metric) + versatility(run, base)) / 2
 
 
 def best_learning_rate(work: Path, method: str) -> float:
     """The swept rate whose first-seed run has the best Uni."""
     base = json.loads((work / "base.json").read_text())
     plan = json.loads((work / "plan.json").read_text())
-    first = plan["seeds"][0]
-    reference = max(r["exact_match"] for r in read_runs(work, REFERENCE) if r["seed"] == first)
+    metric, first = plan["speciality_metric"], plan["seeds"][0]
+    pick = min if metric.endswith("nll") else max
+    reference = pick(r[metric] for r in read_runs(work, REFERENCE) if r["seed"] == first)
     sweep = [r for r in read_runs(work, method) if r["seed"] == first]
-    return max(sweep, key=lambda r: uni(r, base, reference))["learning_rate"]
+    return max(sweep, key=lambda r: uni(r, base, reference, metric))["learning_rate"]

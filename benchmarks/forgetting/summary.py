@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from methods import Method  # noqa: E402
-from scores import REFERENCE, best_learning_rate, read_runs, uni, versatility  # noqa: E402
+from scores import REFERENCE, best_learning_rate, read_runs, speciality, uni, versatility  # noqa: E402
 
 from cofitune_plugin.report import pareto_front  # noqa: E402
 
@@ -30,11 +30,7 @@ def summarize(work: Path, methods: list[Method], machine: dict, command: str) ->
         rows[method.name] = {
             "description": method.description,
             "learning_rate": best,
-            "sweep": {
-                str(r["learning_rate"]): r["exact_match"]
-                for r in runs
-                if r["seed"] == plan["seeds"][0]
-            },
+            "sweep": [r for r in runs if r["seed"] == plan["seeds"][0]],
             "seeds": [r["seed"] for r in chosen],
             "trainable": chosen[0]["trainable"],
             **{m: _spread([r[m] for r in chosen]) for m in METRICS},
@@ -43,15 +39,16 @@ def summarize(work: Path, methods: list[Method], machine: dict, command: str) ->
             "peak_accelerator_gib": _peak_accelerator(runs),
             "runs": chosen,
         }
-    reference = rows[REFERENCE]["exact_match"]["mean"]
+    metric = plan["speciality_metric"]
+    reference = rows[REFERENCE][metric]["mean"]
     for row in rows.values():
-        row["speciality"] = _spread(
-            [r["exact_match"] / reference for r in row["runs"]] if reference > 0 else [0.0]
-        )
-        row["uni"] = _spread([uni(r, base, reference) for r in row["runs"]])
+        row["speciality"] = _spread([speciality(r, base, reference, metric) for r in row["runs"]])
+        row["uni"] = _spread([uni(r, base, reference, metric) for r in row["runs"]])
+        for run in row["sweep"]:
+            run["uni"] = uni(run, base, reference, metric)
     front = pareto_front(
         {
-            name: (row["exact_match"]["mean"], row["versatility"]["mean"])
+            name: (row["speciality"]["mean"], row["versatility"]["mean"])
             for name, row in rows.items()
         }
     )
@@ -68,46 +65,59 @@ def summarize(work: Path, methods: list[Method], machine: dict, command: str) ->
 
 def markdown(results: dict) -> str:
     base, rows, plan = results["base"], results["methods"], results["plan"]
-    full = rows[REFERENCE]["exact_match"]["mean"]
-    machine = results["machine"]
+    evaluation, machine = plan["evaluation"], results["machine"]
+    metric = {"exact_match": "held-out exact match", "heldout_nll": "held-out NLL"}[
+        plan["speciality_metric"]
+    ]
+    gpu = _gpu(rows)
     lines = [
         "# Speciality against versatility: SmolLM2-135M-Instruct on the math domain",
         "",
-        f"Made by `{results['command']}` on {machine['description']} "
-        f"({machine['date']}); budget `{plan['budget']}`: {plan['training']}.",
-        f"Seeds {plan['seeds']}; each method's learning rate is the best Uni of its sweep on "
-        f"seed {plan['seeds'][0]}; mean ± standard deviation over the seeds at that rate.",
+        f"Made by `{results['command']}` on {machine['description']} ({machine['date']}); "
+        f"budget `{plan['budget']}`: {plan['training']}. Seeds {plan['seeds']}: each method's "
+        f"learning rate is the best Uni of its sweep on seed {plan['seeds'][0]}; mean ± "
+        "standard deviation over the seeds at that rate.",
         "",
-        "- **exact match**: held-out math problems, greedy, `#### N` compared "
-        f"({plan['evaluation']['speciality_limit']} problems).",
-        "- **Spec**: exact match / full fine-tuning's. **Vers**: retention, base NLL / NLL of "
-        "the base model's own greedy answers to general prompts "
-        f"({plan['evaluation']['prompts_limit']} prompts × {plan['evaluation']['answer_tokens']}"
-        " tokens); 1.0 = untouched. **agreement**: share of those answer tokens that are still "
-        "the model's greedy choice. **Uni** = (Spec + Vers) / 2.",
-        "- **within 5%**: speciality within 5% of full fine-tuning's. **Pareto**: no other "
-        "method has both higher exact match and higher Vers.",
-        "- **peak RSS**: the method's whole process (model, data, evaluation included).",
+        f"- **exact match**: greedy answers to {evaluation['exact_match_limit']} held-out "
+        "problems, `#### N` compared. **held-out NLL**: of the reference solutions of "
+        f"{evaluation['speciality_limit']} held-out problems.",
+        f"- **Spec**: the share of full fine-tuning's gain on the {metric}, (method - base) / "
+        "(full - base).",
+        "- **Vers**: retention, base NLL / NLL of the base model's own greedy answers to general "
+        f"prompts ({evaluation['prompts_limit']} prompts × {evaluation['answer_tokens']} tokens); "
+        "1.0 = untouched. **agreement**: share of those tokens still the model's greedy choice.",
+        "- **Uni** = (Spec + Vers) / 2. **within 5%**: Spec ≥ 0.95. **Pareto**: no other "
+        "method has both a higher Spec and a higher Vers.",
+        "- **s/step**: training step time. **peak RSS**: the method's whole process (model, "
+        "data and evaluation included)"
+        + ("; **peak GPU**: allocated during training." if gpu else "."),
         "",
-        "| method | lr | trainable | exact match | held-out NLL | Vers | agreement | Spec | Uni "
-        "| within 5% | Pareto | s/step | peak RSS GiB |"
-        + (" peak GPU GiB |" if _gpu(rows) else ""),
-        "|---" * (13 + _gpu(rows)) + "|",
-        f"| base | | 0 | {base['exact_match']:.3f} | {base['heldout_nll']:.3f} | 1.000 | 1.000 "
-        f"| {base['exact_match'] / full if full else 0:.2f} | | | | | |"
-        + (" |" if _gpu(rows) else ""),
+        "| method | lr | trainable | exact match | held-out NLL | Spec | Vers | agreement | Uni "
+        "| within 5% | Pareto | s/step | peak RSS GiB |" + (" peak GPU GiB |" if gpu else ""),
+        "|---" * (13 + gpu) + "|",
+        f"| base | | 0 | {base['exact_match']:.3f} | {base['heldout_nll']:.3f} | 0 | 1.000 "
+        "| 1.000 | | | | | |" + (" |" if gpu else ""),
     ]
     for name, row in rows.items():
-        within = row["exact_match"]["mean"] >= 0.95 * full
-        gpu = f" {row['peak_accelerator_gib']:.2f} |" if _gpu(rows) else ""
+        peak = f" {row['peak_accelerator_gib']:.2f} |" if gpu else ""
         lines.append(
             f"| {name} | {row['learning_rate']:g} | {row['trainable']:,} "
             f"| {_fmt(row['exact_match'])} | {_fmt(row['heldout_nll'])} "
-            f"| {_fmt(row['versatility'])} | {_fmt(row['agreement'])} "
-            f"| {_fmt(row['speciality'], 2)} | {_fmt(row['uni'])} "
-            f"| {'yes' if within else 'no'} | {'yes' if row['pareto'] else ''} "
-            f"| {row['step_seconds']['mean']:.2f} | {row['peak_rss_gib']:.2f} |{gpu}"
+            f"| {_fmt(row['speciality'], 2)} | {_fmt(row['versatility'])} "
+            f"| {_fmt(row['agreement'])} | {_fmt(row['uni'])} "
+            f"| {'yes' if row['speciality']['mean'] >= 0.95 else 'no'} "
+            f"| {'yes' if row['pareto'] else ''} "
+            f"| {row['step_seconds']['mean']:.2f} | {row['peak_rss_gib']:.2f} |{peak}"
         )
+    lines += ["", f"Learning-rate sweep (seed {plan['seeds'][0]}):", ""]
+    lines += ["| method | lr | exact match | held-out NLL | Vers | Uni |", "|---" * 6 + "|"]
+    for name, row in rows.items():
+        for run in row["sweep"]:
+            lines.append(
+                f"| {name} | {run['learning_rate']:g} | {run['exact_match']:.3f} "
+                f"| {run['heldout_nll']:.3f} | {base['retention_nll'] / run['retention_nll']:.3f} "
+                f"| {run['uni']:.3f} |"
+            )
     lines += ["", "Methods:", ""]
     lines += [f"- `{name}`: {row['description']}." for name, row in rows.items()]
     return "\n".join(lines) + "\n"
@@ -117,7 +127,7 @@ def pareto_png(results: dict, path: Path) -> None:
     rows = results["methods"]
     fig, ax = plt.subplots(figsize=(7.2, 5.2))
     for name, row in rows.items():
-        x, y = row["exact_match"], row["versatility"]
+        x, y = row["speciality"], row["versatility"]
         color = "tab:red" if name.startswith("cofitune") else "tab:gray"
         ax.errorbar(
             x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], fmt="o", color=color, capsize=3
@@ -125,19 +135,17 @@ def pareto_png(results: dict, path: Path) -> None:
         ax.annotate(
             name, (x["mean"], y["mean"]), fontsize=8, xytext=(5, 4), textcoords="offset points"
         )
-    base = results["base"]
-    ax.scatter(base["exact_match"], 1.0, marker="s", color="black", zorder=3)
-    ax.annotate(
-        "base", (base["exact_match"], 1.0), fontsize=8, xytext=(5, -10), textcoords="offset points"
-    )
+    ax.scatter(0.0, 1.0, marker="s", color="black", zorder=3)
+    ax.annotate("base", (0.0, 1.0), fontsize=8, xytext=(5, -10), textcoords="offset points")
     front = sorted(
-        (r["exact_match"]["mean"], r["versatility"]["mean"]) for r in rows.values() if r["pareto"]
+        (r["speciality"]["mean"], r["versatility"]["mean"]) for r in rows.values() if r["pareto"]
     )
     ax.plot(
         *zip(*front, strict=True), color="tab:blue", linewidth=1, zorder=1, label="Pareto front"
     )
-    ax.set_xlabel("speciality: held-out exact match")
-    ax.set_ylabel("versatility: base NLL / NLL of the base's answers")
+    metric = results["plan"]["speciality_metric"].replace("_", " ")
+    ax.set_xlabel(f"Spec: share of full fine-tuning's gain in {metric}")
+    ax.set_ylabel("Vers: base NLL / NLL of the base's own answers")
     ax.set_title(f"SmolLM2-135M-Instruct, math domain ({results['plan']['budget']} budget)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
