@@ -36,6 +36,8 @@ def summarize(work: Path, methods: list[Method], machine: dict, command: str) ->
             **{m: _spread([r[m] for r in chosen]) for m in METRICS},
             "versatility": _spread([versatility(r, base) for r in chosen]),
             "peak_rss_gib": max(r["peak_rss_bytes"] for r in runs) / 2**30,
+            # What training adds over inference in float32: a gradient and AdamW's two moments.
+            "training_state_gib": chosen[0]["trainable"] * 12 / 2**30,
             "peak_accelerator_gib": _peak_accelerator(runs),
             "runs": chosen,
         }
@@ -89,14 +91,16 @@ def markdown(results: dict) -> str:
         "- **Uni** = (Spec + Vers) / 2. **within 5%**: Spec ≥ 0.95. **Pareto**: no other "
         "method has both a higher Spec and a higher Vers.",
         "- **s/step**: training step time. **peak RSS**: the method's whole process (model, "
-        "data and evaluation included)"
+        "data and evaluation included); **train state**: computed, 12 bytes per trainable "
+        "parameter (float32 gradient and AdamW's two moments)"
         + ("; **peak GPU**: allocated during training." if gpu else "."),
         "",
         "| method | lr | trainable | exact match | held-out NLL | Spec | Vers | agreement | Uni "
-        "| within 5% | Pareto | s/step | peak RSS GiB |" + (" peak GPU GiB |" if gpu else ""),
-        "|---" * (13 + gpu) + "|",
+        "| within 5% | Pareto | s/step | peak RSS GiB | train state GiB |"
+        + (" peak GPU GiB |" if gpu else ""),
+        "|---" * (14 + gpu) + "|",
         f"| base | | 0 | {base['exact_match']:.3f} | {base['heldout_nll']:.3f} | 0 | 1.000 "
-        "| 1.000 | | | | | |" + (" |" if gpu else ""),
+        "| 1.000 | | | | | | |" + (" |" if gpu else ""),
     ]
     for name, row in rows.items():
         peak = f" {row['peak_accelerator_gib']:.2f} |" if gpu else ""
@@ -107,7 +111,8 @@ def markdown(results: dict) -> str:
             f"| {_fmt(row['agreement'])} | {_fmt(row['uni'])} "
             f"| {'yes' if row['speciality']['mean'] >= 0.95 else 'no'} "
             f"| {'yes' if row['pareto'] else ''} "
-            f"| {row['step_seconds']['mean']:.2f} | {row['peak_rss_gib']:.2f} |{peak}"
+            f"| {row['step_seconds']['mean']:.2f} | {row['peak_rss_gib']:.2f} "
+            f"| {row['training_state_gib']:.3f} |{peak}"
         )
     lines += ["", f"Learning-rate sweep (seed {plan['seeds'][0]}):", ""]
     lines += ["| method | lr | exact match | held-out NLL | Vers | Uni |", "|---" * 6 + "|"]
