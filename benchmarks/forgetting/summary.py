@@ -131,17 +131,16 @@ def markdown(results: dict) -> str:
 def pareto_png(results: dict, path: Path) -> None:
     rows = results["methods"]
     fig, ax = plt.subplots(figsize=(7.2, 5.2))
-    for name, row in rows.items():
+    for i, (name, row) in enumerate(rows.items()):
         x, y = row["speciality"], row["versatility"]
         color = "tab:red" if name.startswith("cofitune") else "tab:gray"
         ax.errorbar(
             x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], fmt="o", color=color, capsize=3
         )
+        offset = (6, 6) if i % 2 else (6, -12)  # alternate, so close points stay readable
         ax.annotate(
-            name, (x["mean"], y["mean"]), fontsize=8, xytext=(5, 4), textcoords="offset points"
+            name, (x["mean"], y["mean"]), fontsize=8, xytext=offset, textcoords="offset points"
         )
-    ax.scatter(0.0, 1.0, marker="s", color="black", zorder=3)
-    ax.annotate("base", (0.0, 1.0), fontsize=8, xytext=(5, -10), textcoords="offset points")
     front = sorted(
         (r["speciality"]["mean"], r["versatility"]["mean"]) for r in rows.values() if r["pareto"]
     )
@@ -151,7 +150,10 @@ def pareto_png(results: dict, path: Path) -> None:
     metric = results["plan"]["speciality_metric"].replace("_", " ")
     ax.set_xlabel(f"Spec: share of full fine-tuning's gain in {metric}")
     ax.set_ylabel("Vers: base NLL / NLL of the base's own answers")
-    ax.set_title(f"SmolLM2-135M-Instruct, math domain ({results['plan']['budget']} budget)")
+    ax.set_title(
+        f"SmolLM2-135M-Instruct, math domain ({results['plan']['budget']} budget; "
+        "base: Spec 0, Vers 1)"
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
     fig.tight_layout()
