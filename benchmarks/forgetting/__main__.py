@@ -143,13 +143,12 @@ def main(argv: list[str] | None = None) -> None:
     command = "python benchmarks/forgetting " + " ".join(argv if argv is not None else sys.argv[1:])
     results = summarize(work, methods, _machine(), command.strip())
     args.docs.mkdir(parents=True, exist_ok=True)
-    stem = f"{args.budget}"
-    (args.docs / f"results-{stem}.json").write_text(json.dumps(results, indent=1))
+    (args.docs / f"results-{args.budget}.json").write_text(json.dumps(results, indent=1))
     table = markdown(results)
-    (args.docs / f"results-{stem}.md").write_text(table)
-    pareto_png(results, args.docs / f"pareto-{stem}.png")
+    (args.docs / f"results-{args.budget}.md").write_text(table)
+    pareto_png(results, args.docs / f"pareto-{args.budget}.png")
     print(table)
-    print(f"written: {args.docs}/results-{stem}.json, results-{stem}.md, pareto-{stem}.png")
+    print(f"written: results-{args.budget}.json, .md and pareto-{args.budget}.png in {args.docs}")
 
 
 def _write_recipe(work: Path, budget: dict) -> Path:

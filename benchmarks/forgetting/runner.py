@@ -185,7 +185,7 @@ class Session:
             raise RuntimeError(f"not in the checkpoint, cannot restore: {sorted(wanted)[:5]}")
 
     def _evaluate(self, base_answers: list[list[int]], model=None) -> dict:
-        model = model or self.model
+        model = self.model if model is None else model
         evaluation = self.plan["evaluation"]
         start = time.perf_counter()
         exact = speciality(

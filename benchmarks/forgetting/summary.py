@@ -46,8 +46,8 @@ def summarize(work: Path, methods: list[Method], machine: dict, command: str) ->
     for row in rows.values():
         row["speciality"] = _spread([speciality(r, base, reference, metric) for r in row["runs"]])
         row["uni"] = _spread([uni(r, base, reference, metric) for r in row["runs"]])
-        for run in row["sweep"]:
-            run["uni"] = uni(run, base, reference, metric)
+        # Copies: the sweep's seed-0 run is also one of `runs`, which carry no Uni of their own.
+        row["sweep"] = [{**r, "uni": uni(r, base, reference, metric)} for r in row["sweep"]]
     front = pareto_front(
         {
             name: (row["speciality"]["mean"], row["versatility"]["mean"])
