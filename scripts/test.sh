@@ -10,4 +10,6 @@ bash scripts/setup.sh
 source scripts/offline.env
 source .venv/bin/activate  # `axolotl train` launches `accelerate` from PATH
 ruff check cofitune_plugin tests benchmarks
-python -m pytest -q tests "$@"
+# Two workers: most of the time is `axolotl train` subprocesses importing Axolotl on one core, so
+# a 2-core CI machine runs two at once. Pass `-n N` to change it (the last -n wins).
+python -m pytest -q -n 2 --dist worksteal tests "$@"
