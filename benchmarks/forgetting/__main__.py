@@ -25,11 +25,13 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from methods import all_methods  # noqa: E402
+from scores import RUNS_FILE  # noqa: E402
 from summary import markdown, pareto_png, summarize  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "demo"
 BASE_RECIPE = REPO / "recipes" / "cofitune-smollm2.yml"
+RECORDS = ("importance", "search", "base.json", RUNS_FILE)  # what a plan's run leaves in --work
 
 # What each budget trains and evaluates. `cpu` fits a 2-core CPU in under two hours; `gpu` is
 # DESIGN.md's H100 setting (300 steps of batch 8 at lr 2e-4 make full fine-tuning forget).
@@ -103,6 +105,11 @@ def main(argv: list[str] | None = None) -> None:
         "budget": args.budget,
         "training": budget["training"],
         "speciality_metric": budget["speciality_metric"],
+        # The importance and the search read the recipe too (batch size included): in the plan,
+        # so their outputs are never reused under another one.
+        "recipe": budget["recipe"],
+        "importance_batches": budget["importance_batches"],
+        "search_trial": budget["search_trial"],
         "seeds": list(range(args.seeds)),
         "learning_rates": budget["learning_rates"],
         "evaluation": {
@@ -178,6 +185,12 @@ def _check_plan(work: Path, plan: dict) -> None:
     path = work / "plan.json"
     if path.exists() and json.loads(path.read_text()) != plan:
         sys.exit(f"{work} holds records of another plan ({path}); pass a new --work, or delete it")
+    records = [name for name in RECORDS if (work / name).exists()]
+    if not path.exists() and records:
+        sys.exit(
+            f"{work} holds {', '.join(records)} but no plan.json, so they may be of another plan; "
+            "pass a new --work, or delete them"
+        )
     path.write_text(json.dumps(plan, indent=1))
 
 

@@ -22,17 +22,18 @@ def within_spread(committed: dict, rerun: dict) -> bool:
     return abs(rerun["mean"] - committed["mean"]) <= max(committed["std"], rerun["std"], EXACT)
 
 
-def compare(committed: dict, rerun: dict) -> tuple[list[str], bool]:
+def compare(committed: dict, rerun: dict, names: tuple[str, str]) -> tuple[list[str], bool]:
     """The comparison's Markdown lines, and whether every deciding metric is within its spread."""
     if committed["plan"]["budget"] != rerun["plan"]["budget"]:
         sys.exit("the two results are of different budgets: compare like with like")
     lines = [
         f"# Reproduction of the `{committed['plan']['budget']}` table",
         "",
-        f"Committed: {committed['machine']['description']} ({committed['machine']['date']}). "
-        f"Re-run: {rerun['machine']['description']} ({rerun['machine']['date']}), "
-        f"`{rerun['command']}`. Within spread: |re-run mean - committed mean| <= the larger "
-        "standard deviation over seeds. Step time is shown, not judged (it is machine load).",
+        f"Committed: `{names[0]}`, {committed['machine']['description']} "
+        f"({committed['machine']['date']}). Re-run: `{names[1]}`, "
+        f"{rerun['machine']['description']} ({rerun['machine']['date']}), `{rerun['command']}`. "
+        "Within spread: |re-run mean - committed mean| <= the larger standard deviation over "
+        "seeds. Step time is shown, not judged (it is machine load).",
         "",
         "| method | metric | committed | re-run | difference | within spread |",
         "|---" * 6 + "|",
@@ -64,7 +65,7 @@ def main() -> None:
     parser.add_argument("rerun", type=Path)
     args = parser.parse_args()
     committed, rerun = (json.loads(p.read_text()) for p in (args.committed, args.rerun))
-    lines, reproduced = compare(committed, rerun)
+    lines, reproduced = compare(committed, rerun, (str(args.committed), str(args.rerun)))
     text = "\n".join(lines) + "\n"
     out = args.rerun.with_name(f"reproduction-{rerun['plan']['budget']}.md")
     out.write_text(text)
