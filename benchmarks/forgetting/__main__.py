@@ -25,13 +25,13 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from methods import all_methods  # noqa: E402
-from scores import RUNS_FILE  # noqa: E402
+from scores import BASE_FILE, RUNS_FILE  # noqa: E402
 from summary import markdown, pareto_png, summarize  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "demo"
 BASE_RECIPE = REPO / "recipes" / "cofitune-smollm2.yml"
-RECORDS = ("importance", "search", "base.json", RUNS_FILE)  # what a plan's run leaves in --work
+RECORDS = ("importance", "search", BASE_FILE, RUNS_FILE)  # what a plan's run leaves in --work
 
 # What each budget trains and evaluates. `cpu` fits a 2-core CPU in under two hours; `gpu` is
 # DESIGN.md's H100 setting (300 steps of batch 8 at lr 2e-4 make full fine-tuning forget).
@@ -183,10 +183,10 @@ def _write_recipe(work: Path, budget: dict) -> Path:
 def _check_plan(work: Path, plan: dict) -> None:
     """Records measured under another plan would mix into this one's table: refuse."""
     path = work / "plan.json"
-    if path.exists() and json.loads(path.read_text()) != plan:
-        sys.exit(f"{work} holds records of another plan ({path}); pass a new --work, or delete it")
-    records = [name for name in RECORDS if (work / name).exists()]
-    if not path.exists() and records:
+    if path.exists():
+        if json.loads(path.read_text()) != plan:
+            sys.exit(f"{work} holds records of another plan ({path}); pass a new --work or delete")
+    elif records := [name for name in RECORDS if (work / name).exists()]:
         sys.exit(
             f"{work} holds {', '.join(records)} but no plan.json, so they may be of another plan; "
             "pass a new --work, or delete them"

@@ -19,11 +19,9 @@ from pathlib import Path
 
 import torch
 from methods import Method, all_methods, trainable_names
-from scores import RUNS_FILE, best_learning_rate, read_runs
+from scores import BASE_FILE, RUNS_FILE, best_learning_rate, read_runs
 
 from cofitune_plugin.evaluation import answer_nll, greedy_generate, read_examples, speciality
-
-BASE_FILE = "base.json"
 
 
 @dataclass

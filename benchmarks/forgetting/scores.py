@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 RUNS_FILE = "runs.jsonl"
+BASE_FILE = "base.json"
 REFERENCE = "full"
 
 
@@ -44,7 +45,7 @@ def uni(run: dict, base: dict, reference: float, metric: str) -> float:
 
 def best_learning_rate(work: Path, method: str) -> float:
     """The swept rate whose first-seed run has the best Uni."""
-    base = json.loads((work / "base.json").read_text())
+    base = json.loads((work / BASE_FILE).read_text())
     plan = json.loads((work / "plan.json").read_text())
     metric, first = plan["speciality_metric"], plan["seeds"][0]
     pick = min if metric.endswith("nll") else max

@@ -9,7 +9,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from methods import Method  # noqa: E402
-from scores import REFERENCE, best_learning_rate, read_runs, speciality, uni, versatility  # noqa: E402
+from scores import (  # noqa: E402
+    BASE_FILE,
+    REFERENCE,
+    best_learning_rate,
+    read_runs,
+    speciality,
+    uni,
+    versatility,
+)
 
 from cofitune_plugin.report import pareto_front  # noqa: E402
 
@@ -18,7 +26,7 @@ METRICS = ("exact_match", "heldout_nll", "retention_nll", "agreement", "step_sec
 
 def summarize(work: Path, methods: list[Method], machine: dict, command: str) -> dict:
     """Per method: its swept rates, then mean and spread over the seeds at the best rate."""
-    base = json.loads((work / "base.json").read_text())
+    base = json.loads((work / BASE_FILE).read_text())
     plan = json.loads((work / "plan.json").read_text())
     rows = {}
     for method in methods:
