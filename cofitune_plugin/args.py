@@ -289,11 +289,6 @@ def check_recipe(cfg: Mapping[str, Any]) -> CoFiTuneConfig | None:
         raise RecipeError(
             "cofitune: FSDP1 flattens frozen and trained weights together; set `fsdp_version: 2`"
         )
-    if config.soft_mask and (cfg.get("deepspeed") or cfg.get("fsdp") or fsdp_config):
-        raise RecipeError(
-            "cofitune.soft_mask: not supported under DeepSpeed or FSDP yet; train with DDP or a "
-            "single process, or remove `soft_mask` to train the selection without masks"
-        )
     return config
 
 

@@ -45,7 +45,8 @@ from cofitune_plugin.importance import MANIFEST_FILE, load_importance, model_man
 from cofitune_plugin.lora import lora_b_masks, lora_parameters, target_modules_regex
 from cofitune_plugin.search import read_chosen
 from cofitune_plugin.selection import Selection, select_parameters
-from cofitune_plugin.softmask import SoftMask, row_masks
+from cofitune_plugin.sharded import EnginePlacement, engine_of
+from cofitune_plugin.softmask import SoftMask, check_masks, row_masks
 
 # Axolotl shows INFO only from loggers under "axolotl", where its own integrations live.
 LOG = get_logger("axolotl.integrations.cofitune")
@@ -127,23 +128,39 @@ class CoFiTunePlugin(BasePlugin):
                 f"{sum(model.get_parameter(name).numel() for name in trained):,}",
             )
         if config.soft_mask:
-            trainer.add_callback(
-                _SoftMaskDuringTraining(_build_soft_mask(model, selection, config, lora))
-            )
+            masks = _build_masks(model, selection, config, lora)
+            if lora:  # PEFT's names: the callback is handed the PEFT model
+                masks = {f"base_model.model.{name}": mask for name, mask in masks.items()}
+            trainer.add_callback(_SoftMaskDuringTraining(masks, config.soft_mask.apply_to))
 
 
 class _SoftMaskDuringTraining(TrainerCallback):
-    """Keeps the soft mask exactly as long as `trainer.train()`: hands it the optimizer once the
-    Trainer has built it (update mode) and removes its hooks at the end, so a later evaluation or
-    a second trainer on the same model (the search, the benchmarks) is never masked."""
+    """Keeps the soft mask exactly as long as `trainer.train()`, so a later evaluation or a
+    second trainer on the same model (the search, the benchmarks) is never masked.
 
-    def __init__(self, soft_mask: SoftMask) -> None:
-        self.soft_mask = soft_mask
+    The mask is bound at `on_train_begin`, after accelerate prepared the model and optimizer:
+    FSDP2 replaces the parameters with sharded ones and DeepSpeed builds its partitions there,
+    so hooks bound earlier would sit on tensors that no longer train (`sharded.EnginePlacement`).
+    """
 
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs) -> None:
-        if self.soft_mask.apply_to == "update":
-            # Accelerate wraps the optimizer; step hooks must sit on the torch optimizer it steps.
-            self.soft_mask.attach_optimizer(getattr(optimizer, "optimizer", optimizer))
+    def __init__(self, masks: dict[str, torch.Tensor], apply_to: str) -> None:
+        self.masks = masks
+        self.apply_to = apply_to
+        self.soft_mask: SoftMask | None = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs) -> None:
+        self.soft_mask = SoftMask(model, self.masks, self.apply_to, placement=EnginePlacement())
+        LOG.info(
+            "cofitune: soft masks bound to this rank's %s (apply_to=%s)",
+            engine_of(model.get_parameter(next(iter(self.masks)))),
+            self.apply_to,
+        )
+        if self.apply_to == "update":
+            # Accelerate wraps the optimizer, and DeepSpeed's ZeRO optimizer wraps the torch
+            # optimizer it steps over its partitions: step hooks go on that innermost one.
+            while hasattr(optimizer, "optimizer"):
+                optimizer = optimizer.optimizer
+            self.soft_mask.attach_optimizer(optimizer)
 
     def on_train_end(self, args, state, control, **kwargs) -> None:
         self.soft_mask.remove()
@@ -174,11 +191,11 @@ def _check_trains_exactly(model: nn.Module, expected: list[str]) -> None:
         )
 
 
-def _build_soft_mask(
+def _build_masks(
     model: nn.Module, selection: Selection, config: CoFiTuneConfig, lora: bool
-) -> SoftMask:
-    """Row masks of the selected weights, on the weights themselves or, with `lora`, on each
-    adapter's `lora_B`."""
+) -> dict[str, torch.Tensor]:
+    """Row masks of the selected weights, for the weights themselves or, with `lora`, for each
+    adapter's `lora_B`; checked against the model's shapes now, before training starts."""
     text_config = model.config.get_text_config()
     architecture = architecture_for(text_config.model_type)
     importance = load_importance(
@@ -202,7 +219,8 @@ def _build_soft_mask(
         config.soft_mask.apply_to,
         config.soft_mask.importance,
     )
-    return SoftMask(model, masks, apply_to=config.soft_mask.apply_to)
+    check_masks(model, masks, EnginePlacement())
+    return masks
 
 
 def meta_model_of(cfg: dict) -> tuple[PretrainedConfig, nn.Module]:

@@ -191,13 +191,16 @@ def write_recipe(tmp_path: Path, cfg: dict) -> Path:
     return path
 
 
-def run_axolotl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Run the real `axolotl` CLI of this environment in a subprocess."""
+def run_axolotl(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run the real `axolotl` CLI of this environment in a subprocess (`env`: extra variables)."""
     bin_dir = Path(sys.executable).parent  # `axolotl train` execs `accelerate` from PATH
+    path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
     return subprocess.run(
         [str(bin_dir / "axolotl"), *args],
         cwd=cwd,
-        env={**os.environ, **OFFLINE_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"},
+        env={**os.environ, **OFFLINE_ENV, "PATH": path, **(env or {})},
         capture_output=True,
         text=True,
         timeout=900,

@@ -145,6 +145,25 @@ def test_the_qlora_recipe_loads_in_4bit_for_one_24gb_gpu(workdir: Path):
     assert cfg.bf16 and cfg.gradient_checkpointing
 
 
+SHARDED_WITH_SOFT_MASKS = (
+    "cofitune-7b.yml",  # ZeRO-2
+    "cofitune-13b.yml",  # ZeRO-3, the paper's setting
+    "cofitune-qwen2.5-7b.yml",  # ZeRO-3
+    "cofitune-llama3.1-8b-fsdp2.yml",
+)
+
+
+@pytest.mark.parametrize("name", SHARDED_WITH_SOFT_MASKS)
+def test_the_sharded_recipes_train_the_fine_level(name: str, workdir: Path):
+    """Soft masks run under FSDP2 and DeepSpeed ZeRO-2/3 (tests/test_sharded.py), so the
+    sharded recipes carry them, and Axolotl's config loading keeps the block."""
+    raw, cfg = load_recipe(REPO / "recipes" / name, workdir)
+    assert raw.get("deepspeed") or raw.get("fsdp_version") == 2
+    assert cfg.cofitune["soft_mask"]["importance"] == raw["cofitune"]["soft_mask"]["importance"]
+    header = (REPO / "recipes" / name).read_text().split("base_model:")[0]
+    assert f"axolotl cofitune-importance recipes/{name}" in header
+
+
 def test_every_recipe_names_its_command_and_hardware():
     for recipe in RECIPES:
         header = recipe.read_text().split("base_model:")[0]
@@ -158,11 +177,6 @@ BREAKAGES = {
         ZERO3,
         {"deepspeed": "recipes/deepspeed/zero9.json"},
         "an existing deepspeed config",
-    ),
-    "soft mask under DeepSpeed": (
-        ZERO3,
-        {"cofitune": {"soft_mask": {"importance": "./importance/llama2-13b"}}},
-        "cofitune.soft_mask: not supported under DeepSpeed",
     ),
     "window out of range": (DDP, {"cofitune": {"layers": "25%-150%"}}, "cofitune.layers"),
     # Axolotl's own validator, which fires because the plugin set `unfrozen_parameters`.
