@@ -45,7 +45,7 @@ from cofitune_plugin.importance import MANIFEST_FILE, load_importance, model_man
 from cofitune_plugin.lora import lora_b_masks, lora_parameters, target_modules_regex
 from cofitune_plugin.search import read_chosen
 from cofitune_plugin.selection import Selection, select_parameters
-from cofitune_plugin.sharded import EnginePlacement, engine_of
+from cofitune_plugin.sharded import EnginePlacement, engine_of, sampled_values
 from cofitune_plugin.softmask import SoftMask, check_masks, row_masks
 
 # Axolotl shows INFO only from loggers under "axolotl", where its own integrations live.
@@ -200,7 +200,7 @@ def _build_masks(
     architecture = architecture_for(text_config.model_type)
     importance = load_importance(
         importance_dirs(config.soft_mask.importance),
-        expected=model_manifest(model, architecture, selection.layer_prefix),
+        expected=model_manifest(model, architecture, selection.layer_prefix, sampled_values),
     )
     n_heads = text_config.num_attention_heads
     masks = row_masks(

@@ -12,10 +12,12 @@ nothing is clipped; with clipping they differ (clipping sees the masked gradient
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 from safetensors.torch import load_file
 from test_launchers import SELECTED, free_port
 
@@ -41,9 +43,9 @@ ENGINES = {
     "zero2": {"zero_stage": 2},
     "zero3": {"zero_stage": 3},
 }
-# Tight enough to scale every step down (the unclipped norm is about 2 here), so a rank that
-# clipped by its own shard's norm instead of the global one would end elsewhere.
-MAX_GRAD_NORM = 0.5
+# Tight enough to scale every step down in both modes (unclipped norms are 0.09 to 0.85 here), so
+# a rank that clipped by its own shard's norm instead of the global one would end elsewhere.
+MAX_GRAD_NORM = 0.05
 
 
 def train(run_dir: Path, model_dir: Path, importance: Path, apply_to: str, engine: str | None):
@@ -65,7 +67,7 @@ def train(run_dir: Path, model_dir: Path, importance: Path, apply_to: str, engin
         gradient_accumulation_steps=2,
         max_steps=2,
         optimizer="sgd",
-        learning_rate=1.0,
+        learning_rate=10.0,
         weight_decay=0.0,
         max_grad_norm=MAX_GRAD_NORM,
         # Axolotl maps each rank's model to accelerator LOCAL_RANK; this keeps it on the CPU
@@ -107,15 +109,18 @@ MODES = ("update", "gradient")
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, tiny_models, llama_importance) -> dict[str, dict]:
-    """Final weights of a one-process run per mask mode, the reference for every engine."""
-    root = tmp_path_factory.mktemp("one-process")
-    return {
-        mode: load_file(
-            train(root / mode, tiny_models["llama"], llama_importance, mode, None)[0]
-            / "model.safetensors"
-        )
-        for mode in MODES
-    }
+    """Final weights of a one-process run per mask mode, the reference for every engine. The
+    engines' tests may run on several pytest-xdist workers: the first to get here trains the
+    references into the session's shared temp dir, under a file lock, and the others read them
+    (the xdist documentation's recipe for a fixture computed once)."""
+    shared = tmp_path_factory.getbasetemp().parent / "sharded-one-process"
+    shared.mkdir(exist_ok=True)
+    with FileLock(shared / "lock"):
+        for mode in MODES:
+            if not (shared / mode / "out" / "model.safetensors").exists():
+                shutil.rmtree(shared / mode, ignore_errors=True)
+                train(shared / mode, tiny_models["llama"], llama_importance, mode, None)
+    return {mode: load_file(shared / mode / "out" / "model.safetensors") for mode in MODES}
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))
@@ -123,8 +128,11 @@ def test_soft_masks_on_two_cpu_processes_match_one_process(
     engine, tmp_path, tiny_models, llama_importance, one_process
 ):
     """For fsdp2, zero2 and zero3, in both mask modes: only the selection changes, and the
-    weights are the one-process run's within 1e-6 of the step (a lone process, an unmasked or
-    a wrongly sliced mask, or a wrongly clipped step is off by a sizeable fraction of it)."""
+    weights are the one-process run's within 1e-6 of the step, its largest element (a lone
+    process, an unmasked or a wrongly sliced mask, or a wrongly clipped step is off by a
+    sizeable fraction of it). The steps of heavily masked heads are 1e-3 of that: measured
+    against their own size, float32 weights cannot resolve 1e-6 of them (measured: 1-2 ulp of
+    the weights, up to 3e-5 of the smallest tensor's step)."""
     base = load_file(tiny_models["llama"] / "model.safetensors")
     for mode in MODES:
         out, log = train(tmp_path / mode, tiny_models["llama"], llama_importance, mode, engine)
@@ -132,11 +140,11 @@ def test_soft_masks_on_two_cpu_processes_match_one_process(
         after = load_file(out / "model.safetensors")
         assert after.keys() == base.keys()
         assert {n for n in base if not torch.equal(base[n], after[n])} == SELECTED, mode
+        expected = {n: one_process[mode][n] - base[n] for n in SELECTED}
+        scale = max(step.abs().max().item() for step in expected.values())
         for name in sorted(SELECTED):
-            expected = one_process[mode][name] - base[name]
-            scale = expected.abs().max().item()
-            assert scale > 0
-            error = (after[name] - base[name] - expected).abs().max().item()
+            assert expected[name].abs().max() > 0, name
+            error = (after[name] - base[name] - expected[name]).abs().max().item()
             assert error <= 1e-6 * scale, f"{engine} {mode} {name}: {error / scale:.1e} of the step"
 
 
