@@ -100,10 +100,6 @@ BAD_RECIPES = {
         {"cofitune": {"soft_mask": {"importance": "nowhere"}}},
         "cofitune.soft_mask.importance: no importance in ['nowhere']; compute it first",
     ),
-    "soft mask under deepspeed": (
-        {"cofitune": {"soft_mask": {"importance": "x"}}, "deepspeed": "ds.json"},
-        "cofitune.soft_mask: not supported under DeepSpeed or FSDP yet",
-    ),
 }
 
 
