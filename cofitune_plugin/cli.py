@@ -17,6 +17,9 @@ import yaml
 
 from cofitune_plugin.plugin import LOG, importance_dirs
 
+UNSHARDED_KEYS = ("deepspeed", "fsdp", "fsdp_config", "fsdp_version")
+"""Recipe keys `cofitune-importance` clears: it runs the whole model (see `importance`)."""
+
 
 @click.command("cofitune-importance")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
@@ -61,12 +64,15 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
             f"{output} already holds an importance; pass --overwrite or choose --output"
         )
     # Unpacked batches (the KL must not mix packed samples) and checkpointing that lets
-    # `autograd.grad` reach the gates (reentrant checkpointing hides them).
+    # `autograd.grad` reach the gates (reentrant checkpointing hides them). The gates need whole
+    # layers and no optimizer ever steps, so the model is loaded unsharded: a ZeRO-3 recipe's
+    # model would otherwise be partitioned at load, with no engine to gather it for the passes.
     overrides: dict = {
         "cofitune__soft_mask": None,
         "cofitune__from_search": None,  # importance covers every layer, whatever is chosen
         "sample_packing": False,
         "gradient_checkpointing_kwargs__use_reentrant": False,
+        **dict.fromkeys(UNSHARDED_KEYS),
     }
     if soft_mask.datasets:
         overrides["datasets"] = soft_mask.datasets

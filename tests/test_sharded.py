@@ -163,3 +163,28 @@ def test_flat_rows_pairs_every_element_of_a_partition_with_its_rows_factor():
             covered = torch.arange(start, start + length)
             expected = torch.where(covered < 20, factor[covered.clamp(max=19) // 4], 0.0)
             assert torch.equal(values, expected), (start, length)
+
+
+def test_zero3_recipe_importance_is_the_one_process_artifact(
+    tmp_path, tiny_models, llama_importance
+):
+    """`axolotl cofitune-importance` on a ZeRO-3 recipe loads the model whole (a partitioned one
+    has no engine to gather it for the importance passes) and writes what the same recipe
+    without DeepSpeed writes: the manifest that training under ZeRO-3 checks it against."""
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text(json.dumps({**ZERO_CONFIG, "zero_optimization": {"stage": 3}}))
+    importance = tmp_path / "importance"
+    cfg = recipe(
+        tmp_path,
+        tiny_models["llama"],
+        cofitune=soft_mask_block(importance),
+        deepspeed=str(zero3),
+    )
+    result = run_axolotl(
+        "cofitune-importance", str(write_recipe(tmp_path, cfg)), "--max-batches", "2", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    written = json.loads((importance / "manifest.json").read_text())
+    reference = json.loads((llama_importance / "manifest.json").read_text())
+    for field in ("fingerprint", "model_type", "num_layers", "n_heads", "d_ff", "d_model"):
+        assert written[field] == reference[field], field
