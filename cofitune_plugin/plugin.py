@@ -185,10 +185,10 @@ def report_inputs(cfg: DictDefault):
     selection = select(meta_model.config, meta_model, config)
     remote = bool(cfg.trust_remote_code)
     tuned = AutoModelForCausalLM.from_pretrained(
-        output_dir, torch_dtype="auto", trust_remote_code=remote
+        output_dir, dtype="auto", trust_remote_code=remote
     )
     base = AutoModelForCausalLM.from_pretrained(
-        cfg.base_model, torch_dtype=tuned.dtype, trust_remote_code=remote
+        cfg.base_model, dtype=tuned.dtype, trust_remote_code=remote
     )
     try:
         check_same_base(base, tuned, selection.parameters)
