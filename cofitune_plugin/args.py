@@ -2,6 +2,7 @@
 
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -338,6 +339,13 @@ def eval_settings(config: CoFiTuneConfig) -> EvalSettings:
                 f"cofitune.report.{key}: not set, and there is no `cofitune.search` to take it "
                 f"from; write it as in the search block (see README, 'Report')"
             )
+    for key, path in (
+        ("speciality.data", speciality.data),
+        ("versatility.prompts", versatility.prompts),
+    ):
+        if not Path(path).is_file():
+            block = "report" if getattr(report, key.split(".")[0]) else "search"
+            raise RecipeError(f"cofitune.{block}.{key}: no file at {path}")
     batch_size = report.eval_batch_size or (search.eval_batch_size if search else 8)
     return EvalSettings(speciality=speciality, versatility=versatility, eval_batch_size=batch_size)
 

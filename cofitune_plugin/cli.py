@@ -491,7 +491,7 @@ def dial(config: str, grid: str, alpha: float | None, out: Path | None) -> None:
     search's axes in dial.png and a table in dial.md. With --alpha, write that model instead."""
     from axolotl.cli.config import load_cfg
 
-    from cofitune_plugin.plugin import report_inputs
+    from cofitune_plugin.plugin import load_trained
     from cofitune_plugin.train_report import write_dial
 
     try:
@@ -505,10 +505,7 @@ def dial(config: str, grid: str, alpha: float | None, out: Path | None) -> None:
     output_dir = Path(cfg.output_dir)
     if alpha is not None and out is not None and out.resolve() == output_dir.resolve():
         raise click.BadParameter("would overwrite the trained model; choose another", "--out")
-    model, base_values, evaluator, search_dir, _ = report_inputs(cfg)
-    click.echo(
-        write_dial(model, base_values, evaluator, output_dir, search_dir, alphas, alpha, out)
-    )
+    click.echo(write_dial(load_trained(cfg), alphas, alpha, out))
 
 
 def _check_report_recipe(config: str) -> None:

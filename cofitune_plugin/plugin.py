@@ -161,7 +161,7 @@ def _saved_since(output_dir: Path, since: float | None) -> bool:
     return bool(saved) and since is not None and max(saved) >= since
 
 
-def report_inputs(cfg: DictDefault):
+def load_trained(cfg: DictDefault):
     """What the report and the dial need from a recipe whose model was trained: the tuned model
     from `output_dir` (on the accelerator when there is one), the base's values of the selected
     parameters, an evaluator on the report's data, and the selection's table. Refuses a model
@@ -170,7 +170,7 @@ def report_inputs(cfg: DictDefault):
 
     from cofitune_plugin.args import eval_settings
     from cofitune_plugin.dial import DialError, check_same_base, selection_values
-    from cofitune_plugin.train_report import Evaluator
+    from cofitune_plugin.train_report import Evaluator, Trained
 
     config = CoFiTuneConfig.model_validate(cfg.cofitune)
     settings = eval_settings(config)
@@ -184,9 +184,7 @@ def report_inputs(cfg: DictDefault):
     _, meta_model = meta_model_of(cfg)
     selection = select(meta_model.config, meta_model, config)
     remote = bool(cfg.trust_remote_code)
-    tuned = AutoModelForCausalLM.from_pretrained(
-        output_dir, dtype="auto", trust_remote_code=remote
-    )
+    tuned = AutoModelForCausalLM.from_pretrained(output_dir, dtype="auto", trust_remote_code=remote)
     base = AutoModelForCausalLM.from_pretrained(
         cfg.base_model, dtype=tuned.dtype, trust_remote_code=remote
     )
@@ -204,19 +202,15 @@ def report_inputs(cfg: DictDefault):
     total = sum(p.numel() for p in meta_model.parameters())
     search = config.search
     search_dir = Path(search.output_dir or config.from_search) if search else None
-    return tuned, base_values, evaluator, search_dir, selection.report(total)
+    return Trained(tuned, base_values, evaluator, output_dir, search_dir, selection.report(total))
 
 
 def write_report(cfg: DictDefault) -> tuple[dict, Path]:
     """`cofitune-report.json` and `.md` in `output_dir`; returns the report and the .md path."""
     from cofitune_plugin.train_report import REPORT_MD, report_on
 
-    model, base_values, evaluator, search_dir, table = report_inputs(cfg)
-    output_dir = Path(cfg.output_dir)
-    report = report_on(
-        model, base_values, evaluator, output_dir, search_dir, str(cfg.base_model), table
-    )
-    return report, output_dir / REPORT_MD
+    trained = load_trained(cfg)
+    return report_on(trained, str(cfg.base_model)), trained.output_dir / REPORT_MD
 
 
 class _SoftMaskDuringTraining(TrainerCallback):

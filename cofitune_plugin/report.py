@@ -81,9 +81,19 @@ def pareto_plot(result: SearchResult, path: Path) -> None:
         )
     edge = sorted((result.scores[k].speciality, result.scores[k].versatility) for k in front)
     ax.plot(*zip(*edge, strict=True), color="tab:blue", linewidth=1, zorder=2)
-    ax.set_xlabel("speciality (ratio to the best trial)")
+    _finish(
+        fig,
+        ax,
+        "speciality (ratio to the best trial)",
+        f"CoFiTune search: chosen {result.chosen.window} {result.chosen.modules}",
+        path,
+    )
+
+
+def _finish(fig, ax, xlabel: str, title: str, path: Path) -> None:
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("versatility (base NLL / trial NLL of base answers)")
-    ax.set_title(f"CoFiTune search: chosen {result.chosen.window} {result.chosen.modules}")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -112,10 +122,4 @@ def dial_plot(scores: dict[float, Score], path: Path, title: str) -> None:
             label="trained (a=1)",
         )
         ax.legend(loc="best", fontsize=8)
-    ax.set_xlabel("speciality (ratio to the best point on the dial)")
-    ax.set_ylabel("versatility (base NLL / model NLL of base answers)")
-    ax.set_title(f"CoFiTune dial: {title}")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, "speciality (ratio to the best point on the dial)", title, path)

@@ -152,10 +152,23 @@ class Evaluator:
             tasks=tasks,
         )
 
-    def prompt_text(self, examples: str, index: int) -> str:
-        example = (self.special if examples == "speciality" else self.general)[index]
+    def prompt_text(self, axis: str, index: int) -> str:
+        """The prompt of item `index` of `axis` ("speciality" or "versatility"), shortened."""
+        example = (self.special if axis == "speciality" else self.general)[index]
         text = self.tokenizer.decode(example.prompt_ids, skip_special_tokens=True)
         return " ".join(text.split())[:120]
+
+
+@dataclass
+class Trained:
+    """A trained model in memory and what the report and the dial compare it with."""
+
+    model: PreTrainedModel
+    base_values: dict[str, torch.Tensor]  # the base's values of the selected parameters
+    evaluator: Evaluator
+    output_dir: Path
+    search_dir: Path | None  # the search's records, whose base.json may serve
+    selection_table: str
 
 
 def base_eval(
@@ -397,27 +410,20 @@ def _stderr(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def report_on(
-    model: PreTrainedModel,
-    base_values: dict[str, torch.Tensor],
-    evaluator: Evaluator,
-    output_dir: Path,
-    search_dir: Path | None,
-    title: str,
-    selection_table: str,
-) -> dict[str, Any]:
-    """Score the base (the dial at 0) and `model` (the tuned weights), write
-    `cofitune-report.json` and `.md` to `output_dir`, and return the report."""
-    output_dir = Path(output_dir)
+def report_on(trained: Trained, title: str) -> dict[str, Any]:
+    """Score the base (the dial at 0) and the tuned weights, write `cofitune-report.json` and
+    `.md` to the output directory, and return the report."""
+    output_dir, evaluator = Path(trained.output_dir), trained.evaluator
     output_dir.mkdir(parents=True, exist_ok=True)
-    dial = Dial(model, base_values)
+    dial = Dial(trained.model, trained.base_values)
     dial.set(0.0)
-    base = base_eval(model, evaluator, output_dir, search_dir)
+    base = base_eval(trained.model, evaluator, output_dir, trained.search_dir)
     dial.set(1.0)
-    tuned = evaluator.evaluate(model, base.answers)
-    report = {"title": title, **compare(base, tuned, evaluator), "selection": selection_table}
+    tuned = evaluator.evaluate(trained.model, base.answers)
+    table = trained.selection_table
+    report = {"title": title, **compare(base, tuned, evaluator), "selection": table}
     (output_dir / REPORT_JSON).write_text(json.dumps(report, indent=2))
-    (output_dir / REPORT_MD).write_text(markdown(report, title, selection_table))
+    (output_dir / REPORT_MD).write_text(markdown(report, title, table))
     return report
 
 
@@ -433,21 +439,15 @@ class DialPoint:
     tasks: dict[str, float] = field(default_factory=dict)
 
 
-def dial_curve(
-    model: PreTrainedModel,
-    base_values: dict[str, torch.Tensor],
-    evaluator: Evaluator,
-    output_dir: Path,
-    search_dir: Path | None,
-    grid: list[float],
-) -> tuple[BaseEval, list[DialPoint]]:
+def dial_curve(trained: Trained, grid: list[float]) -> tuple[BaseEval, list[DialPoint]]:
     """Score base + a (tuned - base) for each a in `grid`; each point is appended (fsynced) to
     `cofitune-dial/dial.jsonl` as it finishes, so a run started again skips finished points."""
-    directory = Path(output_dir) / DIAL_DIR
-    dial = Dial(model, base_values)
+    model, evaluator = trained.model, trained.evaluator
+    directory = Path(trained.output_dir) / DIAL_DIR
+    dial = Dial(model, trained.base_values)
     tuned_fingerprint = model_fingerprint(model)
     dial.set(0.0)
-    base = base_eval(model, evaluator, Path(output_dir), search_dir)
+    base = base_eval(model, evaluator, Path(trained.output_dir), trained.search_dir)
     _check_dial_header(directory, base, tuned_fingerprint)
     path = directory / DIAL_RECORDS
     done = {p.alpha: p for p in read_records(path, lambda row: DialPoint(**row))}
@@ -494,32 +494,26 @@ def dial_scores(base: BaseEval, points: list[DialPoint], metric: str) -> dict[fl
 
 
 def write_dial(
-    model: PreTrainedModel,
-    base_values: dict[str, torch.Tensor],
-    evaluator: Evaluator,
-    output_dir: Path,
-    search_dir: Path | None,
-    grid: list[float],
-    alpha: float | None = None,
-    out: Path | None = None,
+    trained: Trained, grid: list[float], alpha: float | None = None, out: Path | None = None
 ) -> str:
     """With `alpha`, write the model at that a to `out`; otherwise score `grid` (resumably)
     and write the curve (`dial.png`) and its table (`dial.md`). Returns what to print."""
+    output_dir, model = trained.output_dir, trained.model
     directory = Path(output_dir) / DIAL_DIR
     if alpha is not None:
         out = Path(out or directory / f"alpha-{alpha:g}")
         if out.exists() and any(out.iterdir()):
             raise ReportError(f"--out: {out} is not empty; choose a new directory")
-        dial = Dial(model, base_values)
+        dial = Dial(model, trained.base_values)
         dial.set(alpha)
         model.save_pretrained(out, safe_serialization=True)
-        evaluator.tokenizer.save_pretrained(out)
+        trained.evaluator.tokenizer.save_pretrained(out)
         dial.set(1.0)
         return f"The model at a = {alpha:g} (base + a (tuned - base)) is in {out}"
-    base, points = dial_curve(model, base_values, evaluator, output_dir, search_dir, grid)
-    metric = evaluator.settings.speciality.metric
+    base, points = dial_curve(trained, grid)
+    metric = trained.evaluator.settings.speciality.metric
     scores = dial_scores(base, points, metric)
-    dial_plot(scores, directory / "dial.png", str(output_dir))
+    dial_plot(scores, directory / "dial.png", f"CoFiTune dial: {output_dir}")
     spec_name = "held-out NLL" if metric == "loss" else "exact match"
     lines = [
         f"| a | {spec_name} | retention NLL | agreement | Spec | Vers | s |",

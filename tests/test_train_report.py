@@ -20,6 +20,7 @@ from cofitune_plugin.train_report import (
     DIAL_RECORDS,
     BaseEval,
     Evaluator,
+    Trained,
     dial_curve,
     report_on,
     write_dial,
@@ -100,9 +101,8 @@ def test_report_figures_equal_a_hand_computation(pair, tmp_path):
     base, tuned, selection, tokenizer, settings, _ = pair
     evaluator = Evaluator(tokenizer, settings)
     model = copy.deepcopy(tuned)
-    report = report_on(
-        model, selection_values(base, selection), evaluator, tmp_path, None, "tiny", "TABLE"
-    )
+    values = selection_values(base, selection)
+    report = report_on(Trained(model, values, evaluator, tmp_path, None, "TABLE"), "tiny")
 
     general = evaluator.general
     answers = greedy_generate(
@@ -175,13 +175,13 @@ def test_base_scores_come_from_a_matching_search_record_only(pair, tmp_path):
     search.save_base(record)
     values = selection_values(base, selection)
 
-    report = report_on(tuned, values, evaluator, tmp_path / "a", search.directory, "t", "")
+    report = report_on(Trained(tuned, values, evaluator, tmp_path / "a", search.directory, ""), "t")
     assert report["speciality"]["base"] == 12.5
     assert report["versatility"]["retention_nll"]["base"] == 3.25
     assert "base.json" in report["base_source"]
 
     search.save_base(BaseRecord(12.5, 3.25, 1.0, "another model", answers))
-    report = report_on(tuned, values, evaluator, tmp_path / "b", search.directory, "t", "")
+    report = report_on(Trained(tuned, values, evaluator, tmp_path / "b", search.directory, ""), "t")
     assert report["speciality"]["base"] != 12.5 and "measured" in report["base_source"]
     cached = BaseEval.from_dict(json.loads((tmp_path / "b" / "cofitune-base.json").read_text()))
     assert cached.answers == answers
@@ -200,12 +200,13 @@ def test_a_dial_run_started_again_does_not_redo_finished_points(pair, tmp_path):
 
     evaluator.evaluate = counting
     tuned_values = selection_values(tuned, selection)
-    dial_curve(tuned, values, evaluator, tmp_path, None, [0.0, 0.25])
+    trained = Trained(tuned, values, evaluator, tmp_path, None, "")
+    dial_curve(trained, [0.0, 0.25])
     records = tmp_path / DIAL_DIR / DIAL_RECORDS
     with records.open("a") as f:
         f.write('{"alpha": 0.5, "specia')  # killed mid-write
     first = len(scored)
-    _, points = dial_curve(tuned, values, evaluator, tmp_path, None, [0.0, 0.25, 0.5, 0.75, 1.0])
+    _, points = dial_curve(trained, [0.0, 0.25, 0.5, 0.75, 1.0])
     assert len(scored) - first == 3  # 0.5, 0.75 and 1; the base itself was cached
     assert [p.alpha for p in points] == [0.0, 0.25, 0.5, 0.75, 1.0]
     lines = records.read_text().splitlines()
@@ -220,7 +221,8 @@ def test_the_dialled_directory_loads_and_differs_from_the_base_in_the_selection_
     base, tuned, selection, tokenizer, settings, _ = pair
     evaluator = Evaluator(tokenizer, settings)
     values = selection_values(base, selection)
-    message = write_dial(tuned, values, evaluator, tmp_path, None, [], 0.5, tmp_path / "half")
+    trained = Trained(tuned, values, evaluator, tmp_path, None, "")
+    message = write_dial(trained, [], 0.5, tmp_path / "half")
     assert str(tmp_path / "half") in message
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "half")
     changed = set()
@@ -233,7 +235,7 @@ def test_the_dialled_directory_loads_and_differs_from_the_base_in_the_selection_
         assert torch.equal(loaded.get_parameter(name), expected)
     AutoTokenizer.from_pretrained(tmp_path / "half")
     with pytest.raises(ValueError, match="is not empty"):
-        write_dial(tuned, values, evaluator, tmp_path, None, [], 0.5, tmp_path / "half")
+        write_dial(trained, [], 0.5, tmp_path / "half")
 
 
 def test_train_writes_the_report_once_and_the_commands_read_it(tmp_path, tiny_models):
@@ -281,3 +283,36 @@ def test_a_recipe_whose_output_is_another_model_is_refused(tmp_path, tiny_models
     assert other == tmp_path / "out"
     with pytest.raises(RecipeError, match=r"output_dir: .* does not hold `base_model`"):
         dial.main([str(path)], standalone_mode=False)
+
+
+@pytest.mark.parametrize(
+    ("block", "adapter", "message"),
+    [
+        ({"report": {}}, "cofitune", "cofitune.report.speciality: not set, and there is no"),
+        (
+            {"search": "SEARCH", "report": {"speciality": {"data": "nowhere.jsonl"}}},
+            "cofitune",
+            r"cofitune.report.speciality.data: no file at nowhere.jsonl",
+        ),
+        ({"search": "SEARCH", "report": {}}, "cofitune-lora", "cofitune.report: not supported"),
+    ],
+)
+def test_a_report_it_cannot_make_stops_at_the_recipe(tmp_path, block, adapter, message):
+    from cofitune_plugin.args import RecipeError, check_recipe
+
+    if block.get("search") == "SEARCH":
+        block["search"] = search_block(tmp_path)["search"]
+    block = {"layers": "25%-50%", "modules": ["ffn"], **block}
+    cfg = recipe(tmp_path, tmp_path, cofitune=block, adapter=adapter)
+    with pytest.raises(RecipeError, match=message):
+        check_recipe(cfg)
+
+
+def test_report_data_missing_names_the_search_key_it_came_from(tmp_path):
+    from cofitune_plugin.args import RecipeError, check_recipe
+
+    search = search_block(tmp_path)["search"]
+    search["versatility"]["prompts"] = str(tmp_path / "gone.jsonl")
+    block = {"layers": "25%-50%", "modules": ["ffn"], "search": search, "report": {}}
+    with pytest.raises(RecipeError, match=r"cofitune.search.versatility.prompts: no file at"):
+        check_recipe(recipe(tmp_path, tmp_path, cofitune=block))
