@@ -316,3 +316,35 @@ def test_report_data_missing_names_the_search_key_it_came_from(tmp_path):
     block = {"layers": "25%-50%", "modules": ["ffn"], "search": search, "report": {}}
     with pytest.raises(RecipeError, match=r"cofitune.search.versatility.prompts: no file at"):
         check_recipe(recipe(tmp_path, tmp_path, cofitune=block))
+
+
+def test_lm_eval_tasks_show_their_standard_error_and_the_documents_that_flipped(pair):
+    from cofitune_plugin.evaluation import TaskResult
+    from cofitune_plugin.train_report import ModelEval, compare, markdown
+
+    _, _, _, tokenizer, settings, _ = pair
+    evaluator = Evaluator(tokenizer, settings)
+    general = [True] * 6
+    before = ModelEval(0.5, 2.0, 1.0, general, [True, False, True, False])
+    before.tasks = {"arc": TaskResult(0.5, 0.25, [1.0, 1.0, 0.0, 0.0])}
+    after = ModelEval(0.75, 2.5, 0.9, [True] * 5 + [False], [True, True, False, True])
+    after.tasks = {"arc": TaskResult(0.25, 0.2, [0.0, 1.0, 1.0, 0.0])}
+    base = BaseEval("f", {}, [[1]] * 6, before, "here")
+
+    report = compare(base, after, evaluator)
+    assert report["tasks"]["arc"] == {
+        "base": 0.5,
+        "tuned": 0.25,
+        "change": -0.25,
+        "base_stderr": 0.25,
+        "tuned_stderr": 0.2,
+    }
+    assert report["flips"]["tasks"]["arc"] == {"right_to_wrong": [0], "wrong_to_right": [2]}
+    spec = report["flips"]["speciality"]
+    assert [x["index"] for x in spec["right_to_wrong"]] == [2]
+    assert [x["index"] for x in spec["wrong_to_right"]] == [1, 3]
+    assert [x["index"] for x in report["flips"]["versatility"]["right_to_wrong"]] == [5]
+    assert report["versatility"]["vers"] == pytest.approx((2.0 / 2.5 + 0.25 / 0.5) / 2)
+    text = markdown(report, "t", "")
+    assert "| lm-eval arc | 0.5000 ± 0.2500 | 0.2500 ± 0.2000 | -0.2500 |" in text
+    assert "**lm-eval arc, right to wrong: 1** 0" in text
