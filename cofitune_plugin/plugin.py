@@ -200,9 +200,15 @@ def load_trained(cfg: DictDefault):
     if torch.cuda.is_available():
         tuned = tuned.to("cuda")
     total = sum(p.numel() for p in meta_model.parameters())
-    search = config.search
-    search_dir = Path(search.output_dir or config.from_search) if search else None
-    return Trained(tuned, base_values, evaluator, output_dir, search_dir, selection.report(total))
+    search_dir = (config.search.output_dir or config.from_search) if config.search else None
+    return Trained(
+        tuned,
+        base_values,
+        evaluator,
+        output_dir,
+        Path(search_dir) if search_dir else None,
+        selection.report(total),
+    )
 
 
 def write_report(cfg: DictDefault) -> tuple[dict, Path]:

@@ -171,19 +171,21 @@ class Trained:
     selection_table: str
 
 
-def base_eval(
-    model: PreTrainedModel, evaluator: Evaluator, output_dir: Path, search_dir: Path | None
-) -> BaseEval:
-    """The base's scores, for `model` set to the base weights: from `cofitune-base.json` in
-    `output_dir`, else from the search's `base.json` when it can serve, else measured (and
-    cached)."""
+def base_eval(trained: Trained) -> BaseEval:
+    """The base's scores, for `trained.model` set to the base weights: from
+    `cofitune-base.json` in the output directory, else from the search's `base.json` when it
+    can serve, else measured (and cached)."""
+    model, evaluator = trained.model, trained.evaluator
     fingerprint = model_fingerprint(model)
-    settings = evaluator.settings.model_dump(mode="json", exclude={"eval_batch_size"})
-    cache = Path(output_dir) / BASE_EVAL_FILE
-    if cache.is_file():
+    settings = _settings_key(evaluator)
+    cache = Path(trained.output_dir) / BASE_EVAL_FILE
+    try:
         cached = BaseEval.from_dict(json.loads(cache.read_text()))
-        if cached.fingerprint == fingerprint and cached.settings == settings:
-            return cached
+    except (OSError, ValueError, TypeError, KeyError):  # absent, or cut by a crash: measure
+        cached = None
+    if cached and cached.fingerprint == fingerprint and cached.settings == settings:
+        return cached
+    search_dir = trained.search_dir
     if search_dir is not None and (found := _from_search(search_dir, fingerprint, evaluator)):
         return found
     start = time.perf_counter()
@@ -194,6 +196,11 @@ def base_eval(
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(asdict(evaluated)))
     return evaluated
+
+
+def _settings_key(evaluator: Evaluator) -> dict[str, Any]:
+    """The settings a base's scores depend on (the batch size only pads differently)."""
+    return evaluator.settings.model_dump(mode="json", exclude={"eval_batch_size"})
 
 
 def _from_search(search_dir: Path, fingerprint: str, evaluator: Evaluator) -> BaseEval | None:
@@ -222,7 +229,7 @@ def _from_search(search_dir: Path, fingerprint: str, evaluator: Evaluator) -> Ba
     )
     return BaseEval(
         fingerprint,
-        settings.model_dump(mode="json", exclude={"eval_batch_size"}),
+        _settings_key(evaluator),
         base.answers,
         scores,
         f"read from {Path(search_dir) / BASE_FILE}",
@@ -417,7 +424,7 @@ def report_on(trained: Trained, title: str) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     dial = Dial(trained.model, trained.base_values)
     dial.set(0.0)
-    base = base_eval(trained.model, evaluator, output_dir, trained.search_dir)
+    base = base_eval(trained)
     dial.set(1.0)
     tuned = evaluator.evaluate(trained.model, base.answers)
     table = trained.selection_table
@@ -447,7 +454,7 @@ def dial_curve(trained: Trained, grid: list[float]) -> tuple[BaseEval, list[Dial
     dial = Dial(model, trained.base_values)
     tuned_fingerprint = model_fingerprint(model)
     dial.set(0.0)
-    base = base_eval(model, evaluator, Path(trained.output_dir), trained.search_dir)
+    base = base_eval(trained)
     _check_dial_header(directory, base, tuned_fingerprint)
     path = directory / DIAL_RECORDS
     done = {p.alpha: p for p in read_records(path, lambda row: DialPoint(**row))}
