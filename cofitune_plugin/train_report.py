@@ -17,6 +17,7 @@ when that matches the base and the settings and holds everything the report need
 """
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -153,10 +154,18 @@ class Evaluator:
         )
 
     def prompt_text(self, axis: str, index: int) -> str:
-        """The prompt of item `index` of `axis` ("speciality" or "versatility"), shortened."""
-        example = (self.special if axis == "speciality" else self.general)[index]
-        text = self.tokenizer.decode(example.prompt_ids, skip_special_tokens=True)
-        return " ".join(text.split())[:120]
+        """The prompt of item `index` of `axis` ("speciality" or "versatility"), without what
+        all its prompts share (a chat template's system prompt and role names), shortened."""
+        examples = self.special if axis == "speciality" else self.general
+        texts = [
+            " ".join(self.tokenizer.decode(e.prompt_ids, skip_special_tokens=True).split())
+            for e in examples
+        ]
+        if len(texts) > 1:
+            head = len(os.path.commonprefix(texts))
+            tail = len(os.path.commonprefix([t[::-1] for t in texts]))
+            texts = [t[head : len(t) - tail] or t for t in texts]
+        return texts[index].strip()[:120]
 
 
 @dataclass
@@ -400,6 +409,8 @@ def markdown(report: dict[str, Any], title: str, selection_table: str) -> str:
         "A general prompt is right when greedy decoding writes the base's own answer exactly.",
     ]
     flips = report["flips"]
+    if "speciality" not in flips:
+        lines += ["", "Speciality items have no right or wrong under `metric: loss`."]
     for axis in ("speciality", "versatility"):
         if axis in flips:
             for kind, items in flips[axis].items():
