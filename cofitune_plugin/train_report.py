@@ -265,6 +265,7 @@ def as_trial(
 
 
 def as_base_record(base: BaseEval) -> BaseRecord:
+    """The base's scores as the search's base record, the reference its ratios are taken to."""
     return BaseRecord(
         speciality=base.scores.speciality,
         retention_nll=base.scores.retention_nll,
@@ -375,6 +376,8 @@ def headline(report: dict[str, Any]) -> list[str]:
 
 
 def markdown(report: dict[str, Any], title: str, selection_table: str) -> str:
+    """`cofitune-report.md`: the two lines, a base/tuned table, the flipped items, the table of
+    trainable parameters."""
     spec, vers = report["speciality"], report["versatility"]
     spec_name = "held-out NLL (lower is better)" if spec["metric"] == "loss" else "exact match"
     rows = [
