@@ -157,7 +157,8 @@ class CoFiTunePlugin(BasePlugin):
 
 def _saved_since(output_dir: Path, since: float | None) -> bool:
     """Weights saved in `output_dir` after `since` (the trained model, not an older run's)."""
-    saved = [p.stat().st_mtime for p in output_dir.glob("*.safetensors")]
+    files = [*output_dir.glob("*.safetensors"), *output_dir.glob("pytorch_model*.bin")]
+    saved = [p.stat().st_mtime for p in files]
     return bool(saved) and since is not None and max(saved) >= since
 
 
