@@ -2,6 +2,7 @@
 
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -192,6 +193,26 @@ class SearchConfig(BaseModel):
         return trial
 
 
+class ReportConfig(BaseModel):
+    """The before/after forgetting report that `axolotl train` writes to `output_dir` when this
+    block is present (also read by `axolotl cofitune-report` and `cofitune-dial`). Keys left
+    unset take the `search` block's, so `report: {}` reports on the search's data."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    speciality: SpecialityConfig | None = None
+    versatility: VersatilityConfig | None = None
+    eval_batch_size: int | None = Field(default=None, ge=1)
+
+
+class EvalSettings(BaseModel):
+    """What a report or the dial scores a model on: a `report` block completed by `search`."""
+
+    speciality: SpecialityConfig
+    versatility: VersatilityConfig
+    eval_batch_size: int
+
+
 class CoFiTuneConfig(BaseModel):
     """Coarse level: which layers and modules train. The defaults are the paper's winner."""
 
@@ -214,6 +235,7 @@ class CoFiTuneConfig(BaseModel):
         "directory (instead of `layers`/`modules`).",
     )
     search: SearchConfig | None = None
+    report: ReportConfig | None = None
 
 
 class CoFiTuneArgs(BaseModel):
@@ -294,7 +316,38 @@ def check_recipe(cfg: Mapping[str, Any]) -> CoFiTuneConfig | None:
             "cofitune.soft_mask: not supported under DeepSpeed or FSDP yet; train with DDP or a "
             "single process, or remove `soft_mask` to train the selection without masks"
         )
+    if config.report is not None:
+        if adapter in LORA_ADAPTERS:
+            raise RecipeError(
+                f"cofitune.report: not supported with adapter: {adapter} yet (the report and "
+                "the dial read full-weight selections); remove `report`, or train with "
+                f"`adapter: {ADAPTER}`"
+            )
+        eval_settings(config)
     return config
+
+
+def eval_settings(config: CoFiTuneConfig) -> EvalSettings:
+    """The report's settings: `cofitune.report`'s keys, each defaulting to `cofitune.search`'s."""
+    report = config.report or ReportConfig()
+    search = config.search
+    speciality = report.speciality or (search.speciality if search else None)
+    versatility = report.versatility or (search.versatility if search else None)
+    for key, value in (("speciality", speciality), ("versatility", versatility)):
+        if value is None:
+            raise RecipeError(
+                f"cofitune.report.{key}: not set, and there is no `cofitune.search` to take it "
+                f"from; write it as in the search block (see README, 'Report')"
+            )
+    for key, path in (
+        ("speciality.data", speciality.data),
+        ("versatility.prompts", versatility.prompts),
+    ):
+        if not Path(path).is_file():
+            block = "report" if getattr(report, key.split(".")[0]) else "search"
+            raise RecipeError(f"cofitune.{block}.{key}: no file at {path}")
+    batch_size = report.eval_batch_size or (search.eval_batch_size if search else 8)
+    return EvalSettings(speciality=speciality, versatility=versatility, eval_batch_size=batch_size)
 
 
 def _check_lora_recipe(cfg: Mapping[str, Any], adapter: str) -> None:

@@ -7,7 +7,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: searches run on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 
-from cofitune_plugin.search import BaseRecord, SearchResult  # noqa: E402
+from cofitune_plugin.search import BaseRecord, Score, SearchResult  # noqa: E402
 from cofitune_plugin.selection import compact_layers  # noqa: E402
 
 
@@ -81,10 +81,45 @@ def pareto_plot(result: SearchResult, path: Path) -> None:
         )
     edge = sorted((result.scores[k].speciality, result.scores[k].versatility) for k in front)
     ax.plot(*zip(*edge, strict=True), color="tab:blue", linewidth=1, zorder=2)
-    ax.set_xlabel("speciality (ratio to the best trial)")
+    _finish(
+        fig,
+        ax,
+        "speciality (ratio to the best trial)",
+        f"CoFiTune search: chosen {result.chosen.window} {result.chosen.modules}",
+        path,
+    )
+
+
+def _finish(fig, ax, xlabel: str, title: str, path: Path) -> None:
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("versatility (base NLL / trial NLL of base answers)")
-    ax.set_title(f"CoFiTune search: chosen {result.chosen.window} {result.chosen.modules}")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def dial_plot(scores: dict[float, Score], path: Path, title: str) -> None:
+    """The dial's curve on the search's axes, from a = 0 (the base) to a = 1 (the trained
+    model, starred)."""
+    alphas = sorted(scores)
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    xs = [scores[a].speciality for a in alphas]
+    ys = [scores[a].versatility for a in alphas]
+    ax.plot(xs, ys, color="tab:blue", marker="o", linewidth=1, zorder=2)
+    for alpha, x, y in zip(alphas, xs, ys, strict=True):
+        ax.annotate(f"a={alpha:g}", (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    if 1.0 in scores:
+        trained = scores[1.0]
+        ax.scatter(
+            trained.speciality,
+            trained.versatility,
+            marker="*",
+            s=220,
+            color="tab:red",
+            zorder=3,
+            label="trained (a=1)",
+        )
+        ax.legend(loc="best", fontsize=8)
+    _finish(fig, ax, "speciality (ratio to the best point on the dial)", title, path)

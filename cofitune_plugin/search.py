@@ -14,7 +14,6 @@ Pure Python: the caller supplies `resolve` (spec -> trained layers and parameter
 """
 
 import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import yaml
 
 from cofitune_plugin.args import SPLIT, SearchLevel, SearchWeights
+from cofitune_plugin.jsonl import RecordError, append_record, read_records
 from cofitune_plugin.selection import DEPTH_WINDOW, compact_layers
 
 TRIALS_FILE = "trials.jsonl"
@@ -261,26 +261,14 @@ class SearchRecords:
             )
 
     def trials(self) -> dict[str, TrialRecord]:
-        if not self.trials_path.exists():
-            return {}
-        lines = self.trials_path.read_text().splitlines()
-        records: dict[str, TrialRecord] = {}
-        for i, line in enumerate(lines):
-            try:
-                record = TrialRecord(**json.loads(line))
-            except (json.JSONDecodeError, TypeError):
-                if i == len(lines) - 1:  # cut by a crash mid-write: that trial reruns
-                    self.trials_path.write_text("".join(f"{x}\n" for x in lines[:-1]))
-                    break
-                raise SearchError(f"{self.trials_path}:{i + 1}: not a trial record") from None
-            records[record.key] = record
-        return records
+        try:
+            records = read_records(self.trials_path, lambda row: TrialRecord(**row))
+        except RecordError as exc:
+            raise SearchError(str(exc)) from None
+        return {record.key: record for record in records}
 
     def append(self, record: TrialRecord) -> None:
-        with self.trials_path.open("a") as f:
-            f.write(json.dumps(asdict(record)) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_record(self.trials_path, asdict(record))
 
     def base(self) -> BaseRecord | None:
         path = self.directory / BASE_FILE
