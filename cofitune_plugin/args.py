@@ -80,7 +80,8 @@ def default_levels() -> list[SearchLevel]:
 
 class SpecialityConfig(BaseModel):
     """How a trial's domain skill is scored, on held-out JSONL (`messages`, or `prompt` and
-    `answer` fields)."""
+    `answer` fields). A reference is a bare answer ("960", "1,200", "12.5", "Paris"), a worked
+    solution containing the answer pattern, or a last assistant message holding either."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -92,7 +93,11 @@ class SpecialityConfig(BaseModel):
     )
     answer_regex: str = Field(
         default=r"####\s*(-?[\d,]*\.?\d+)",
-        description="Extracts the final answer (its first group); GSM8K's `#### N` by default.",
+        description="Extracts the final answer (its first group, last match) from each "
+        "prediction; GSM8K's `#### N` by default. A reference it matches gives its answer the "
+        "same way; a reference it does not match (a bare answer) is taken whole. Both sides are "
+        "normalised alike: numbers as numbers ('1,200' = '1200.0'), text without case or "
+        "surrounding space.",
     )
     max_new_tokens: int = Field(default=256, ge=1)
     limit: int | None = Field(default=None, ge=1, description="Score only the first N examples.")
