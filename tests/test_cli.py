@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tokenizers import decoders
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cofitune_plugin.args import RecipeError
@@ -151,7 +152,7 @@ def weightless_llama(tmp_path, tiny_models) -> Path:
     message here has read no weights (loading them fails with another error)."""
     directory = tmp_path / "weightless"
     shutil.copytree(tiny_models["llama"], directory, ignore=shutil.ignore_patterns("*.safetensors"))
-    with pytest.raises(OSError, match="does not appear to have a file named"):
+    with pytest.raises(OSError, match="no file named model.safetensors"):
         AutoModelForCausalLM.from_pretrained(directory)
     return directory
 
@@ -204,9 +205,12 @@ def test_bad_data_files_stop_before_any_model_loads(
 
 
 def memorised_llama(directory: Path, source: Path, prompt: str, answer: str) -> Path:
-    """The tiny llama trained until its greedy continuation of `prompt` is `answer`, then EOS."""
+    """The tiny llama trained until its greedy continuation of `prompt` is `answer`, then EOS;
+    its tokenizer decodes bytes back to text (the shared test tokenizer has no decoder, so it
+    joins tokens with spaces)."""
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.backend_tokenizer.decoder = decoders.ByteLevel()
     model = AutoModelForCausalLM.from_pretrained(source)
     prompt_ids = tokenizer(prompt)["input_ids"]
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -214,39 +218,43 @@ def memorised_llama(directory: Path, source: Path, prompt: str, answer: str) -> 
     labels = ids.clone()
     labels[0, : len(prompt_ids)] = -100
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(30):
-        model(input_ids=ids, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    assert greedy_generate(model, tokenizer, [prompt_ids], 8, 1) == [answer_ids]
+    for _ in range(20):
+        for _ in range(10):
+            model(input_ids=ids, labels=labels).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        if greedy_generate(model, tokenizer, [prompt_ids], 8, 1) == [answer_ids]:
+            break
+    else:
+        raise AssertionError(f"the tiny llama did not learn to answer {answer!r}")
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 
 
 def test_a_search_scores_bare_answers_and_states_the_paper_default(tmp_path, tiny_models, capsys):
-    """The base answers " #### 6" to every held-out question, so of the references "6", " 6.0 ",
-    a worked solution ending "#### 6", and "7", three are hits; a trial at a negligible learning
-    rate scores the same."""
+    """The base answers " #### 6" to every held-out question, so of the references "6",
+    " 6.0 ", a worked solution ending "#### 6", and "7", three are hits; a trial at a negligible
+    learning rate scores the same."""
     prompt = "Tom buys 3 apples at 2 dollars each."
     model = memorised_llama(tmp_path / "memorised", tiny_models["llama"], prompt, " #### 6")
     chat = [
         {"role": "user", "content": prompt},
         {"role": "assistant", "content": "3 * 2 = 6 #### 6"},
     ]
+    block = search_block(
+        tmp_path,
+        levels=[{"windows": ["25%-50%"], "modules": ["ffn"]}],
+        trial={"max_steps": 1, "learning_rate": 1e-9},
+    )
     held_out = write_jsonl(
-        tmp_path / "held_out.jsonl",
+        tmp_path / "bare_answers.jsonl",
         [
             {"prompt": prompt, "answer": "6"},
             {"prompt": prompt, "answer": " 6.0 "},
             {"messages": chat},
             {"prompt": prompt, "answer": "7"},
         ],
-    )
-    block = search_block(
-        tmp_path,
-        levels=[{"windows": ["25%-50%"], "modules": ["ffn"]}],
-        trial={"max_steps": 1, "learning_rate": 1e-9},
     )
     block["search"]["speciality"].update(data=held_out, metric="exact_match", max_new_tokens=8)
     path = write_recipe(tmp_path, recipe(tmp_path, model, cofitune=block))
