@@ -18,18 +18,10 @@ PAPER = Candidate("25%-50%", "ffn", (2, 3), 10)
 WIDER = Candidate("0%-50%", "ffn+mha", (0, 1, 2, 3), 40)
 
 
-def record(candidate: Candidate, speciality: float, retention_nll: float) -> TrialRecord:
+def record(c: Candidate, speciality: float, retention_nll: float) -> TrialRecord:
+    layers = list(c.layers)
     return TrialRecord(
-        key=candidate.key,
-        window=candidate.window,
-        modules=candidate.modules,
-        layers=list(candidate.layers),
-        trainable=candidate.trainable,
-        speciality=speciality,
-        retention_nll=retention_nll,
-        agreement=1.0,
-        train_seconds=0.0,
-        eval_seconds=0.0,
+        c.key, c.window, c.modules, layers, c.trainable, speciality, retention_nll, 1.0, 0.0, 0.0
     )
 
 
