@@ -4,10 +4,10 @@ A level proposes candidates (windows x module sets); each candidate is trained b
 the level's best becomes the next level's starting point, and the last level's best is the chosen
 selection. The tree narrows on purpose, as the paper's does: a narrower window or module set may
 score a little below the wider one it came from, and the report shows every trial so a user can
-see that trade. Scores are Uni = w_s Spec + w_v Vers,
-each axis a ratio to a reference (DESIGN.md section 4): Spec to the best trial seen so far, Vers
-to the base model. The tree is replayed from the records on every start, so a search resumed after
-a crash takes exactly the path the uninterrupted one would have.
+see that trade. Scores are Uni = w_s Spec + w_v Vers, each axis a ratio to a reference
+(docs/design.md section 5): Spec to the best trial seen so far, Vers to the base model. The tree
+is replayed from the records on every start, so a search resumed after a crash takes exactly the
+path the uninterrupted one would have.
 
 Pure Python: the caller supplies `resolve` (spec -> trained layers and parameter count) and
 `run_trial` (candidate -> measured record), so the search logic is testable without a model.
