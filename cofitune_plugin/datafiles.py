@@ -100,8 +100,11 @@ def parse_row(row: Any) -> Row:
 class ScoredOn(Protocol):
     """A block naming the files to score on: `cofitune.search` (or a report's block)."""
 
-    speciality: SpecialityConfig | None
-    versatility: VersatilityConfig | None
+    @property
+    def speciality(self) -> SpecialityConfig | None: ...
+
+    @property
+    def versatility(self) -> VersatilityConfig | None: ...
 
 
 def check_data_files(config: ScoredOn, key: str) -> list[str]:

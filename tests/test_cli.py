@@ -267,3 +267,19 @@ def test_a_search_scores_bare_answers_and_states_the_paper_default(tmp_path, tin
     assert "| **1 (chosen) (paper's default)** | 25%-50% | ffn |" in report
     stated = "The chosen selection is the paper's default (`ffn` in `25%-50%`)."
     assert stated in report and stated in capsys.readouterr().out
+
+
+def test_a_held_out_set_no_prediction_can_match_warns_before_anything_loads(
+    tmp_path, weightless_llama, caplog
+):
+    """Every reference a word, the regex capturing numbers: a warning, not an error; it comes
+    before the levels are even checked (here a bad level then stops the command)."""
+    block = search_block(tmp_path, levels=[{"windows": ["0-8"], "modules": ["ffn"]}])
+    words = [{"prompt": "The capital of France is", "answer": "Paris"}]
+    block["search"]["speciality"].update(
+        data=write_jsonl(tmp_path / "words.jsonl", words), metric="exact_match"
+    )
+    path = write_recipe(tmp_path, recipe(tmp_path, weightless_llama, cofitune=block))
+    with caplog.at_level("WARNING"), pytest.raises(ValueError, match="reaches layer 8"):
+        search_command.main([str(path)], standalone_mode=False)
+    assert "speciality.data: no prediction can ever match" in caplog.text
