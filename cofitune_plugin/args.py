@@ -2,7 +2,6 @@
 
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -81,7 +80,8 @@ def default_levels() -> list[SearchLevel]:
 
 class SpecialityConfig(BaseModel):
     """How a trial's domain skill is scored, on held-out JSONL (`messages`, or `prompt` and
-    `answer` fields)."""
+    `answer` fields). A reference is a bare answer ("960", "1,200", "12.5", "Paris"), a worked
+    solution containing the answer pattern, or a last assistant message holding either."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -93,7 +93,11 @@ class SpecialityConfig(BaseModel):
     )
     answer_regex: str = Field(
         default=r"####\s*(-?[\d,]*\.?\d+)",
-        description="Extracts the final answer (its first group); GSM8K's `#### N` by default.",
+        description="Extracts the final answer (its first group, last match) from each "
+        "prediction; GSM8K's `#### N` by default. A reference it matches gives its answer the "
+        "same way; a reference it does not match (a bare answer) is taken whole. Both sides are "
+        "normalised alike: numbers as numbers ('1,200' = '1200.0'), text without case or "
+        "surrounding space.",
     )
     max_new_tokens: int = Field(default=256, ge=1)
     limit: int | None = Field(default=None, ge=1, description="Score only the first N examples.")
@@ -339,15 +343,17 @@ def eval_settings(config: CoFiTuneConfig) -> EvalSettings:
                 f"cofitune.report.{key}: not set, and there is no `cofitune.search` to take it "
                 f"from; write it as in the search block (see README, 'Report')"
             )
-    for key, path in (
-        ("speciality.data", speciality.data),
-        ("versatility.prompts", versatility.prompts),
-    ):
-        if not Path(path).is_file():
-            block = "report" if getattr(report, key.split(".")[0]) else "search"
-            raise RecipeError(f"cofitune.{block}.{key}: no file at {path}")
     batch_size = report.eval_batch_size or (search.eval_batch_size if search else 8)
-    return EvalSettings(speciality=speciality, versatility=versatility, eval_batch_size=batch_size)
+    settings = EvalSettings(
+        speciality=speciality, versatility=versatility, eval_batch_size=batch_size
+    )
+    # Read and check the files now, before any model loads (the search prints the warnings
+    # about references no prediction can match; the report runs on the same data).
+    from cofitune_plugin.datafiles import check_data_files  # datafiles imports this module
+
+    block = "cofitune.report" if report.speciality or report.versatility else "cofitune.search"
+    check_data_files(settings, block)
+    return settings
 
 
 def _check_lora_recipe(cfg: Mapping[str, Any], adapter: str) -> None:

@@ -111,12 +111,14 @@ def search(config: str) -> None:
     scored on speciality and versatility. Writes trials.jsonl (resumable), chosen.yml (read by
     `cofitune.from_search`), report.md and pareto.png to the search's output_dir."""
     from cofitune_plugin.args import ADAPTER, RecipeError, check_recipe
+    from cofitune_plugin.datafiles import check_data_files
     from cofitune_plugin.plugin import meta_model_of, select
-    from cofitune_plugin.report import markdown_table, pareto_plot
+    from cofitune_plugin.report import markdown_table, pareto_plot, versus_paper_default
     from cofitune_plugin.search import (
         Candidate,
         SearchRecords,
         check_levels,
+        paper_default,
         run_search,
         write_chosen,
     )
@@ -146,12 +148,7 @@ def search(config: str) -> None:
             "cofitune.search.output_dir: not set; name the directory for trial records (and "
             "point `cofitune.from_search` at it to train the chosen selection)"
         )
-    for key, path in (
-        ("cofitune.search.speciality.data", spec.speciality.data),
-        ("cofitune.search.versatility.prompts", spec.versatility.prompts),
-    ):
-        if not Path(path).is_file():
-            raise RecipeError(f"{key}: no file at {path}")
+    data_warnings = check_data_files(spec, "cofitune.search")
     _check_trial_keys(spec.trial)
     if "max_steps" not in spec.trial:
         LOG.warning(
@@ -160,6 +157,8 @@ def search(config: str) -> None:
         )
     if spec.versatility.lm_eval:
         _check_lm_eval_tasks(spec.versatility.lm_eval)
+    for warning in data_warnings:
+        LOG.warning("cofitune-search: %s", warning)
 
     model_config, meta_model = meta_model_of(raw)
     text_config = model_config.get_text_config()
@@ -186,6 +185,7 @@ def search(config: str) -> None:
 
     directory = Path(output)
     chosen_path = write_chosen(directory, result)
+    paper = paper_default(resolve)
     pareto_plot(result, directory / "pareto.png")
     total = sum(p.numel() for p in meta_model.parameters())
     seconds = time.perf_counter() - start
@@ -199,9 +199,10 @@ def search(config: str) -> None:
         f"All trials: training {sum(t.train_seconds for t in result.visited):.1f} s, evaluation "
         f"{sum(t.eval_seconds for t in result.visited):.1f} s.\n"
         f"Chosen: layers {result.chosen.window} ({text_config.num_hidden_layers} in the model), "
-        f"modules {result.chosen.modules}, written to {chosen_path}."
+        f"modules {result.chosen.modules}, written to {chosen_path}.\n"
+        f"{versus_paper_default(result, paper)}"
     )
-    table = markdown_table(result, records.base(), spec.speciality.metric, total)
+    table = markdown_table(result, records.base(), spec.speciality.metric, total, paper)
     (directory / "report.md").write_text(f"# CoFiTune search: {config}\n\n{table}\n\n{summary}\n")
     click.echo(f"{table}\n\n{summary}")
 

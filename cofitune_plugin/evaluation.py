@@ -1,7 +1,8 @@
 """Speciality and versatility of a causal LM, in plain PyTorch and transformers.
 
-- Speciality: exact match of the answer a regex extracts from a greedy generation, or the mean
-  NLL of reference answers (for domains without an answer key).
+- Speciality: exact match of the answer a regex extracts from a greedy generation (against
+  the reference's answer, by `answers.py`'s rule), or the mean NLL of reference answers (for
+  domains without an answer key).
 - Versatility: retention of the base model's own behaviour on general prompts. The base model
   answers each prompt greedily once; a tuned model is then scored by the NLL of those answers
   (teacher forcing) and by greedy agreement, the share of answer tokens that the tuned model
@@ -9,9 +10,6 @@
   Optionally, lm-evaluation-harness tasks (standard, or local ones from an include path).
 """
 
-import json
-import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from cofitune_plugin.answers import exact_match_hits
+from cofitune_plugin.datafiles import read_rows
 
 
 @dataclass
@@ -32,27 +33,11 @@ class Example:
 def read_examples(
     path: str | Path, tokenizer: PreTrainedTokenizerBase, limit: int | None = None
 ) -> list[Example]:
-    """Read JSONL with `messages` (the last one is the answer when it is the assistant's) or
-    `prompt` (and optionally `answer`) fields."""
-    path = Path(path)
-    examples = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if "messages" in row:
-            messages = list(row["messages"])
-            answer = messages.pop()["content"] if messages[-1]["role"] == "assistant" else None
-        elif "prompt" in row:
-            messages, answer = [{"role": "user", "content": row["prompt"]}], row.get("answer")
-        else:
-            raise ValueError(f"{path}:{n}: needs a `messages` or a `prompt` field")
-        examples.append(Example(_encode_prompt(tokenizer, messages), answer))
-        if limit is not None and len(examples) == limit:
-            break
-    if not examples:
-        raise ValueError(f"{path}: no examples")
-    return examples
+    """Tokenized prompts and answers of a JSONL file in `datafiles`' row forms."""
+    return [
+        Example(_encode_prompt(tokenizer, row.messages), row.answer)
+        for _, row in read_rows(path, limit)
+    ]
 
 
 def _encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
@@ -180,36 +165,6 @@ def answer_nll(
     scores = answer_scores(model, prompts, answers, pad_token_id, batch_size, desc)
     tokens = sum(s.tokens for s in scores)
     return sum(s.nll for s in scores) / tokens, sum(s.agree for s in scores) / tokens
-
-
-def extract_answer(text: str, pattern: str) -> str | None:
-    """The regex's first group, normalised ('1,200' and '1200.0' both read '1200')."""
-    matches = list(re.finditer(pattern, text))
-    if not matches:
-        return None
-    match = matches[-1]  # the final answer follows any intermediate ones
-    answer = match[1].replace(",", "").strip()
-    try:
-        number = float(answer)
-    except ValueError:
-        return answer
-    return str(int(number)) if math.isfinite(number) and number.is_integer() else str(number)
-
-
-def exact_match_hits(predictions: list[str], references: list[str], pattern: str) -> list[bool]:
-    """Per prediction: does its extracted answer equal the reference's?"""
-    hits = []
-    for prediction, reference in zip(predictions, references, strict=True):
-        expected = extract_answer(reference, pattern)
-        if expected is None:
-            raise ValueError(f"answer_regex {pattern!r} finds no answer in reference {reference!r}")
-        hits.append(extract_answer(prediction, pattern) == expected)
-    return hits
-
-
-def exact_match(predictions: list[str], references: list[str], pattern: str) -> float:
-    """Share of predictions whose extracted answer equals the reference's."""
-    return sum(exact_match_hits(predictions, references, pattern)) / len(references)
 
 
 def speciality(

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from cofitune_plugin.args import SPLIT, SearchLevel, SearchWeights
+from cofitune_plugin.args import SPLIT, CoFiTuneConfig, SearchLevel, SearchWeights
 from cofitune_plugin.jsonl import RecordError, append_record, read_records
 from cofitune_plugin.selection import DEPTH_WINDOW, compact_layers
 
@@ -136,6 +136,21 @@ def level_candidates(level: SearchLevel, winner: Candidate | None, resolve: Reso
         windows = [window_label(w) for w in level.windows]
     modules = [modules_label(m) for m in level.modules] if level.modules else [winner.modules]
     return [resolve(w, m) for w in windows for m in modules]
+
+
+def paper_selection() -> tuple[str, str]:
+    """(window, modules) of the paper's selection: what `cofitune: {}` trains."""
+    default = CoFiTuneConfig()
+    return window_label(default.layers), modules_label(default.modules)
+
+
+def paper_default(resolve: Resolve) -> Candidate | None:
+    """The paper's selection on this model, so the report can show what the search bought over
+    it; None where it does not resolve (e.g. a model too shallow for its window)."""
+    try:
+        return resolve(*paper_selection())
+    except ValueError:
+        return None
 
 
 def check_levels(levels: list[SearchLevel], resolve: Resolve) -> int:

@@ -11,8 +11,6 @@ from transformers import AutoTokenizer
 from cofitune_plugin.evaluation import (
     answer_nll,
     encode_answer,
-    exact_match,
-    extract_answer,
     greedy_generate,
     lm_eval_results,
     lm_eval_scores,
@@ -64,17 +62,6 @@ def test_batching_and_padding_do_not_change_the_scores(model_and_tokenizer):
     alone = greedy_generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=1)
     padded = greedy_generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=3)
     assert padded == alone
-
-
-def test_answers_are_extracted_and_normalised():
-    assert extract_answer("Step 1: 3 * 400 = 1,200.\n#### 1,200", GSM8K) == "1200"
-    assert extract_answer("#### 12 then #### 1200.0", GSM8K) == "1200"
-    assert extract_answer("no answer here", GSM8K) is None
-    assert exact_match(["... #### 6", "#### 7", "none"], ["#### 6", "#### 8", "#### 1"], GSM8K) == (
-        pytest.approx(1 / 3)
-    )
-    with pytest.raises(ValueError, match="finds no answer in reference"):
-        exact_match(["#### 6"], ["six"], GSM8K)
 
 
 def test_examples_read_chat_and_prompt_rows(tmp_path, model_and_tokenizer):
