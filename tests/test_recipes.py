@@ -93,10 +93,10 @@ def load_recipe(recipe: Path, workdir: Path) -> tuple[dict, DictDefault]:
         (workdir / from_search / CHOSEN_FILE).write_text("layers: 25%-50%\nmodules: ffn\n")
     search = (raw.get("cofitune") or {}).get("search")
     if search and "report" in raw["cofitune"]:
-        # The report's data (the search's here), which register checks exists.
+        # The report's data (the search's here), which register reads and checks: one row each.
         for data in (search["speciality"]["data"], search["versatility"]["prompts"]):
             (workdir / data).parent.mkdir(parents=True, exist_ok=True)
-            (workdir / data).touch()
+            (workdir / data).write_text('{"prompt": "What is 2 + 3?", "answer": "#### 5"}\n')
     cfg = load_cfg(str(recipe), base_model=str(model_dir), is_preprocess=True)
     if raw.get("deepspeed"):
         assert isinstance(cfg.deepspeed, dict), f"{raw['deepspeed']} did not load"
