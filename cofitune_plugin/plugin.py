@@ -14,8 +14,14 @@ Hooks used, in Axolotl's order:
 - `post_trainer_create`: after Axolotl froze the model (or added the adapters), check that
   exactly the selection (or its adapters) trains, print the trainable-parameter report, and attach
   the soft masks (`cofitune.soft_mask`), to the base rows or to each adapter's `lora_B` rows.
+- `post_train`: with `cofitune.report`, write the before/after report (train_report.py) once the
+  trained model is saved in `output_dir`, on global rank 0 only. Axolotl calls this hook right
+  after training and again after saving: the report reads the saved model, so it runs on the call
+  that finds weights newer than the start of training, once.
 """
 
+import os
+import time
 from pathlib import Path
 
 import torch
@@ -53,6 +59,9 @@ LOG = get_logger("axolotl.integrations.cofitune")
 
 class CoFiTunePlugin(BasePlugin):
     """Axolotl plugin adding the `cofitune` fine-tuning mode."""
+
+    _trainer_created: float | None = None  # when `post_trainer_create` ran (epoch seconds)
+    _reported: bool = False
 
     def get_input_args(self) -> str:
         return "cofitune_plugin.args.CoFiTuneArgs"
@@ -107,6 +116,7 @@ class CoFiTunePlugin(BasePlugin):
     def post_trainer_create(self, cfg: DictDefault, trainer: Trainer) -> None:
         if cfg.cofitune is None:
             return
+        self._trainer_created = time.time()
         config = CoFiTuneConfig.model_validate(cfg.cofitune)
         lora = cfg.adapter != ADAPTER  # lora/qlora, handed over by `register`
         if lora:
@@ -130,6 +140,84 @@ class CoFiTunePlugin(BasePlugin):
             trainer.add_callback(
                 _SoftMaskDuringTraining(_build_soft_mask(model, selection, config, lora))
             )
+
+    def post_train(self, cfg: DictDefault, model: nn.Module) -> None:
+        if cfg.cofitune is None or cfg.cofitune.get("report") is None or self._reported:
+            return
+        if os.environ.get("RANK", "0") != "0" or not _saved_since(
+            Path(cfg.output_dir), self._trainer_created
+        ):
+            return
+        self._reported = True
+        from cofitune_plugin.train_report import headline
+
+        report, path = write_report(cfg)
+        LOG.info("cofitune: %s", "\n".join([*headline(report), f"Report: {path}"]))
+
+
+def _saved_since(output_dir: Path, since: float | None) -> bool:
+    """Weights saved in `output_dir` after `since` (the trained model, not an older run's)."""
+    files = [*output_dir.glob("*.safetensors"), *output_dir.glob("pytorch_model*.bin")]
+    saved = [p.stat().st_mtime for p in files]
+    return bool(saved) and since is not None and max(saved) >= since
+
+
+def load_trained(cfg: DictDefault):
+    """What the report and the dial need from a recipe whose model was trained: the tuned model
+    from `output_dir` (on the accelerator when there is one), the base's values of the selected
+    parameters, an evaluator on the report's data, and the selection's table. Refuses a model
+    that is not the recipe's base plus a change of the selection (see `dial.check_same_base`)."""
+    from axolotl.loaders import load_tokenizer
+
+    from cofitune_plugin.args import eval_settings
+    from cofitune_plugin.dial import DialError, check_same_base, selection_values
+    from cofitune_plugin.train_report import Evaluator, Trained
+
+    config = CoFiTuneConfig.model_validate(cfg.cofitune)
+    settings = eval_settings(config)
+    output_dir = Path(cfg.output_dir)
+    if not (output_dir / "config.json").is_file():
+        raise RecipeError(
+            f"output_dir: no trained model in {output_dir}; run `axolotl train` on this recipe "
+            "first (the report compares that model with `base_model`)"
+        )
+    evaluator = Evaluator(load_tokenizer(cfg), settings)
+    _, meta_model = meta_model_of(cfg)
+    selection = select(meta_model.config, meta_model, config)
+    remote = bool(cfg.trust_remote_code)
+    tuned = AutoModelForCausalLM.from_pretrained(output_dir, dtype="auto", trust_remote_code=remote)
+    base = AutoModelForCausalLM.from_pretrained(
+        cfg.base_model, dtype=tuned.dtype, trust_remote_code=remote
+    )
+    try:
+        check_same_base(base, tuned, selection.parameters)
+    except DialError as exc:
+        raise RecipeError(
+            f"output_dir: {output_dir} does not hold `base_model` ({cfg.base_model}) trained on "
+            f"this recipe's selection: {exc}"
+        ) from None
+    base_values = selection_values(base, selection.parameters)
+    del base
+    if torch.cuda.is_available():
+        tuned = tuned.to("cuda")
+    total = sum(p.numel() for p in meta_model.parameters())
+    search_dir = (config.search.output_dir or config.from_search) if config.search else None
+    return Trained(
+        tuned,
+        base_values,
+        evaluator,
+        output_dir,
+        Path(search_dir) if search_dir else None,
+        selection.report(total),
+    )
+
+
+def write_report(cfg: DictDefault) -> tuple[dict, Path]:
+    """`cofitune-report.json` and `.md` in `output_dir`; returns the report and the .md path."""
+    from cofitune_plugin.train_report import REPORT_MD, report_on
+
+    trained = load_trained(cfg)
+    return report_on(trained, str(cfg.base_model)), trained.output_dir / REPORT_MD
 
 
 class _SoftMaskDuringTraining(TrainerCallback):

