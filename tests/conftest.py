@@ -191,13 +191,23 @@ def write_recipe(tmp_path: Path, cfg: dict) -> Path:
     return path
 
 
-def run_axolotl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Run the real `axolotl` CLI of this environment in a subprocess."""
+def run_axolotl(
+    *args: str, cwd: Path, omp_threads: str | None = "1"
+) -> subprocess.CompletedProcess:
+    """Run the real `axolotl` CLI of this environment in a subprocess.
+
+    `omp_threads` is exported as the user's OMP_NUM_THREADS (tiny models run fastest on one
+    thread, and the test workers share the cores); None exports none, so the plugin gives the
+    trainer every core."""
     bin_dir = Path(sys.executable).parent  # `axolotl train` execs `accelerate` from PATH
+    env = {**os.environ, **OFFLINE_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("OMP_NUM_THREADS", None)
+    if omp_threads is not None:
+        env["OMP_NUM_THREADS"] = omp_threads
     return subprocess.run(
         [str(bin_dir / "axolotl"), *args],
         cwd=cwd,
-        env={**os.environ, **OFFLINE_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"},
+        env=env,
         capture_output=True,
         text=True,
         timeout=900,
