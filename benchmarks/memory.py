@@ -63,7 +63,7 @@ MODEL = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
     parser.add_argument("--importance-batches", type=int, default=2)
@@ -150,6 +150,9 @@ def batch_of(args: argparse.Namespace, seed: int) -> dict:
 
 def run_method(args: argparse.Namespace) -> dict:
     """One method's training steps in this process: peak RSS, seconds per step, trainable."""
+    import peft  # noqa: F401  (imported before the baseline: the libraries are not the method's)
+    import transformers  # noqa: F401
+
     before_model = rss_gib()
     model = build_model()
     if args.checkpointing:

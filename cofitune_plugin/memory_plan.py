@@ -18,8 +18,9 @@ bytes of a weight (2 in bf16/fp16, 4 in float32; 4-bit weights take 0.5 plus the
 - ZeRO-3 with CPU offload: on the device only the gathered layers, the gradient partition and
   the activations; the weights (P w), the fp32 master, moments and gradients (16 T) live in the
   node's CPU memory (reported separately, for all N devices of one node).
-- FSDP2: accelerate upcasts a low-precision model to float32 before sharding when mixed precision
-  is on, so weights 4 P / N, gradients 4 T / N, moments 8 T / N, plus 2 gathered layers in w.
+- FSDP2: weights P w / N, gradients T w / N, moments 2 T w / N, plus 2 gathered layers in w.
+  The parameters stay in the dtype Axolotl loaded: accelerate 1.13's "upcast of low precision
+  parameters to fp32" (`fsdp2_prepare_model`) rebinds a loop variable only and changes nothing.
 
 Activations per token, in w bytes (Llama-style decoder, SDPA attention, SiLU-gated FFN, hidden h,
 FFN width i, key/value width kv): backward runs only from the first trained layer on, so layers
@@ -34,7 +35,7 @@ measurement).
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -115,9 +116,9 @@ def plan_memory(shape: ModelShape, setup: Setup) -> Plan:
         roles["gradients"] = trained * t
         roles["Adam moments"] = 2 * trained * t
     elif setup.launcher == "fsdp2":
-        roles["weights"] = 4 * shape.parameters / n + gathered
-        roles["gradients"] = 4 * trained / n
-        roles["Adam moments"] = 8 * trained / n
+        roles["weights"] = weights / n + gathered
+        roles["gradients"] = trained * t / n
+        roles["Adam moments"] = 2 * trained * t / n
     elif setup.launcher == "zero3_offload":
         roles["weights"] = gathered
         roles["gradients"] = trained * t / n
@@ -252,6 +253,7 @@ def describe_plan(
     shape = model_shape(model, selection, lora_rank, quantized=adapter == "cofitune-qlora")
     setup = recipe_setup(recipe, devices, root)
     plan = plan_memory(shape, setup)
+    full = plan_memory(*full_fine_tuning(shape, setup))
     head = (
         f"{recipe.get('base_model')}: {shape.parameters / 1e9:.2f}B parameters, "
         f"{shape.trainable / 1e9:.3f}B trainable ({100 * shape.trainable / shape.parameters:.1f}%)"
@@ -259,6 +261,20 @@ def describe_plan(
         f"{setup.micro_batch} x {setup.sequence_len} tokens, gradient checkpointing "
         f"{'on' if setup.checkpointing else 'off'}"
     )
-    return f"{head}\nPer GPU (estimate, see cofitune_plugin/memory_plan.py):\n" + format_plan(
-        plan, device_memory_gib
+    return (
+        f"{head}\nPer GPU (estimate, see cofitune_plugin/memory_plan.py):\n"
+        f"{format_plan(plan, device_memory_gib)}\n"
+        f"Full fine-tuning in the same setup: {full.total / GIB:.2f} GiB per GPU"
+        + (f", {full.offloaded / GIB:.2f} GiB of CPU memory per node" if full.offloaded else "")
+    )
+
+
+def full_fine_tuning(shape: ModelShape, setup: Setup) -> tuple[ModelShape, Setup]:
+    """The same model and launcher training every weight (no adapters, no 4-bit, no mask)."""
+    lora = shape.trainable if setup.trainable_bytes else 0
+    base = shape.parameters - lora
+    every_layer = {"first_trained_layer": 0, "trained_layers": shape.layers}
+    return (
+        replace(shape, parameters=base, trainable=base, quantized=0, **every_layer),
+        replace(setup, update_mask=False, trainable_bytes=None),
     )

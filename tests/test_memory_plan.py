@@ -2,26 +2,27 @@
 `axolotl cofitune-plan` command on a real recipe, offline."""
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
-from cofitune_plugin.memory_plan import GIB, Setup, model_shape, plan_memory, recipe_setup
+from cofitune_plugin.memory_plan import (
+    GIB,
+    Setup,
+    full_fine_tuning,
+    model_shape,
+    plan_memory,
+    recipe_setup,
+)
 from cofitune_plugin.selection import select_parameters
-from conftest import run_axolotl
+from conftest import run_axolotl, tiny_config
 
 # hidden 8, FFN 16, 4 layers, 2 query heads of 4 and 1 key/value head (kv width 4), vocab 10
-CONFIG = LlamaConfig(
-    hidden_size=8,
-    intermediate_size=16,
-    num_hidden_layers=4,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    vocab_size=10,
-    tie_word_embeddings=False,
-)
+SIZES = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 4, "vocab_size": 10}
+CONFIG = tiny_config("llama", num_attention_heads=2, num_key_value_heads=1, **SIZES)
 # a layer: q 64 + k 32 + v 32 + o 64 + gate/up/down 3 x 128 + 2 norms x 8 = 592
 # the model: 4 x 592 + embeddings 80 + head 80 + final norm 8 = 2536
 # `ffn` in 25%-50% of 4 layers is layer 1: up + down = 256
@@ -48,17 +49,12 @@ def test_the_shape_counts_the_model_and_its_selection(shape):
     assert (lora.trainable, lora.parameters) == (96, PARAMETERS + 96)
 
 
-def setup(launcher, **changes) -> Setup:
-    values = dict(
-        launcher=launcher,
-        devices=2,
-        weight_bytes=2,
-        micro_batch=2,
-        sequence_len=3,
-        checkpointing=False,
-        update_mask=False,
+def setup(launcher: str, **changes) -> Setup:
+    """2 devices, bf16, a micro batch of 2 x 3 tokens, no checkpointing, no mask."""
+    base = Setup(
+        launcher, devices=2, weight_bytes=2, micro_batch=2, sequence_len=3, checkpointing=False
     )
-    return Setup(**{**values, **changes})
+    return replace(base, **changes)
 
 
 def test_ddp_with_an_update_mask_by_hand(shape):
@@ -74,6 +70,15 @@ def test_ddp_with_an_update_mask_by_hand(shape):
         "logits": 6 * 10 * (2 + 4 + 8),
         "CUDA context (assumed)": GIB,
     }
+
+
+def test_full_fine_tuning_of_the_same_setup_trains_every_weight(shape):
+    model, selection, _ = shape
+    lora = model_shape(model, selection, lora_rank=2, quantized=True)
+    full, full_setup = full_fine_tuning(lora, setup("ddp", trainable_bytes=4, update_mask=True))
+    assert (full.parameters, full.trainable, full.quantized) == (PARAMETERS, PARAMETERS, 0)
+    assert (full.first_trained_layer, full.trained_layers) == (0, 4)
+    assert (full_setup.trainable_bytes, full_setup.update_mask) == (None, False)
 
 
 def test_zero3_shards_weights_and_keeps_fp32_state_by_hand(shape):
@@ -93,11 +98,13 @@ def test_zero3_offload_moves_weights_and_optimizer_state_to_the_cpu(shape):
     assert plan.offloaded == PARAMETERS * 2 + 16 * TRAINED
 
 
-def test_recipe_setup_reads_the_launcher_from_the_recipe():
+def test_recipe_setup_reads_the_launcher_from_the_recipe(shape):
     zero3 = recipe_setup({"deepspeed": "recipes/deepspeed/zero3_offload.json", "bf16": True}, 8)
     assert (zero3.launcher, zero3.weight_bytes) == ("zero3_offload", 2)
     fsdp = recipe_setup({"fsdp_version": 2, "fsdp_config": {"activation_checkpointing": True}}, 4)
     assert (fsdp.launcher, fsdp.checkpointing, fsdp.weight_bytes) == ("fsdp2", True, 4)
+    roles = plan_memory(shape[2], setup("fsdp2")).roles  # sharded in the loaded dtype
+    assert (roles["weights"], roles["Adam moments"]) == (PARAMETERS + 2 * LAYER * 2, TRAINED * 2)
     masked = recipe_setup({"cofitune": {"soft_mask": {"importance": "x"}}}, 1)
     assert (masked.launcher, masked.update_mask) == ("single", True)
 
