@@ -80,7 +80,8 @@ def default_levels() -> list[SearchLevel]:
 
 class SpecialityConfig(BaseModel):
     """How a trial's domain skill is scored, on held-out JSONL (`messages`, or `prompt` and
-    `answer` fields)."""
+    `answer` fields). A reference is a bare answer ("960", "1,200", "12.5", "Paris"), a worked
+    solution containing the answer pattern, or a last assistant message holding either."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -92,7 +93,11 @@ class SpecialityConfig(BaseModel):
     )
     answer_regex: str = Field(
         default=r"####\s*(-?[\d,]*\.?\d+)",
-        description="Extracts the final answer (its first group); GSM8K's `#### N` by default.",
+        description="Extracts the final answer (its first group, last match) from each "
+        "prediction; GSM8K's `#### N` by default. A reference it matches gives its answer the "
+        "same way; a reference it does not match (a bare answer) is taken whole. Both sides are "
+        "normalised alike: numbers as numbers ('1,200' = '1200.0'), text without case or "
+        "surrounding space.",
     )
     max_new_tokens: int = Field(default=256, ge=1)
     limit: int | None = Field(default=None, ge=1, description="Score only the first N examples.")
@@ -192,6 +197,26 @@ class SearchConfig(BaseModel):
         return trial
 
 
+class ReportConfig(BaseModel):
+    """The before/after forgetting report that `axolotl train` writes to `output_dir` when this
+    block is present (also read by `axolotl cofitune-report` and `cofitune-dial`). Keys left
+    unset take the `search` block's, so `report: {}` reports on the search's data."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    speciality: SpecialityConfig | None = None
+    versatility: VersatilityConfig | None = None
+    eval_batch_size: int | None = Field(default=None, ge=1)
+
+
+class EvalSettings(BaseModel):
+    """What a report or the dial scores a model on: a `report` block completed by `search`."""
+
+    speciality: SpecialityConfig
+    versatility: VersatilityConfig
+    eval_batch_size: int
+
+
 class CoFiTuneConfig(BaseModel):
     """Coarse level: which layers and modules train. The defaults are the paper's winner."""
 
@@ -214,6 +239,7 @@ class CoFiTuneConfig(BaseModel):
         "directory (instead of `layers`/`modules`).",
     )
     search: SearchConfig | None = None
+    report: ReportConfig | None = None
 
 
 class CoFiTuneArgs(BaseModel):
@@ -289,12 +315,40 @@ def check_recipe(cfg: Mapping[str, Any]) -> CoFiTuneConfig | None:
         raise RecipeError(
             "cofitune: FSDP1 flattens frozen and trained weights together; set `fsdp_version: 2`"
         )
-    if config.soft_mask and (cfg.get("deepspeed") or cfg.get("fsdp") or fsdp_config):
-        raise RecipeError(
-            "cofitune.soft_mask: not supported under DeepSpeed or FSDP yet; train with DDP or a "
-            "single process, or remove `soft_mask` to train the selection without masks"
-        )
+    if config.report is not None:
+        if adapter in LORA_ADAPTERS:
+            raise RecipeError(
+                f"cofitune.report: not supported with adapter: {adapter} yet (the report and "
+                "the dial read full-weight selections); remove `report`, or train with "
+                f"`adapter: {ADAPTER}`"
+            )
+        eval_settings(config)
     return config
+
+
+def eval_settings(config: CoFiTuneConfig) -> EvalSettings:
+    """The report's settings: `cofitune.report`'s keys, each defaulting to `cofitune.search`'s."""
+    report = config.report or ReportConfig()
+    search = config.search
+    speciality = report.speciality or (search.speciality if search else None)
+    versatility = report.versatility or (search.versatility if search else None)
+    for key, value in (("speciality", speciality), ("versatility", versatility)):
+        if value is None:
+            raise RecipeError(
+                f"cofitune.report.{key}: not set, and there is no `cofitune.search` to take it "
+                f"from; write it as in the search block (see README, 'Report')"
+            )
+    batch_size = report.eval_batch_size or (search.eval_batch_size if search else 8)
+    settings = EvalSettings(
+        speciality=speciality, versatility=versatility, eval_batch_size=batch_size
+    )
+    # Read and check the files now, before any model loads (the search prints the warnings
+    # about references no prediction can match; the report runs on the same data).
+    from cofitune_plugin.datafiles import check_data_files  # datafiles imports this module
+
+    block = "cofitune.report" if report.speciality or report.versatility else "cofitune.search"
+    check_data_files(settings, block)
+    return settings
 
 
 def _check_lora_recipe(cfg: Mapping[str, Any], adapter: str) -> None:

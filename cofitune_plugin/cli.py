@@ -3,6 +3,8 @@
 - `axolotl cofitune-importance`: measure, once before training, which heads and neurons the
   model's general ability relies on;
 - `axolotl cofitune-search`: the coarse level's tree search over layer windows x module sets;
+- `axolotl cofitune-report`: the before/after forgetting report of a trained output directory;
+- `axolotl cofitune-dial`: the models between the base and the tuned one, scored or written;
 - `axolotl cofitune-plan`: the memory a recipe needs per GPU, by role, before renting GPUs.
 """
 
@@ -17,6 +19,9 @@ import torch
 import yaml
 
 from cofitune_plugin.plugin import LOG, importance_dirs
+
+UNSHARDED_KEYS = ("deepspeed", "fsdp", "fsdp_config", "fsdp_version")
+"""Recipe keys `cofitune-importance` clears: it runs the whole model (see `importance`)."""
 
 
 @click.command("cofitune-importance")
@@ -62,12 +67,15 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
             f"{output} already holds an importance; pass --overwrite or choose --output"
         )
     # Unpacked batches (the KL must not mix packed samples) and checkpointing that lets
-    # `autograd.grad` reach the gates (reentrant checkpointing hides them).
+    # `autograd.grad` reach the gates (reentrant checkpointing hides them). The gates need whole
+    # layers and no optimizer ever steps, so the model is loaded unsharded: a ZeRO-3 recipe's
+    # model would otherwise be partitioned at load, with no engine to gather it for the passes.
     overrides: dict = {
         "cofitune__soft_mask": None,
         "cofitune__from_search": None,  # importance covers every layer, whatever is chosen
         "sample_packing": False,
         "gradient_checkpointing_kwargs__use_reentrant": False,
+        **dict.fromkeys(UNSHARDED_KEYS),
     }
     if soft_mask.datasets:
         overrides["datasets"] = soft_mask.datasets
@@ -110,12 +118,14 @@ def search(config: str) -> None:
     scored on speciality and versatility. Writes trials.jsonl (resumable), chosen.yml (read by
     `cofitune.from_search`), report.md and pareto.png to the search's output_dir."""
     from cofitune_plugin.args import ADAPTER, RecipeError, check_recipe
+    from cofitune_plugin.datafiles import check_data_files
     from cofitune_plugin.plugin import meta_model_of, select
-    from cofitune_plugin.report import markdown_table, pareto_plot
+    from cofitune_plugin.report import markdown_table, pareto_plot, versus_paper_default
     from cofitune_plugin.search import (
         Candidate,
         SearchRecords,
         check_levels,
+        paper_default,
         run_search,
         write_chosen,
     )
@@ -145,12 +155,7 @@ def search(config: str) -> None:
             "cofitune.search.output_dir: not set; name the directory for trial records (and "
             "point `cofitune.from_search` at it to train the chosen selection)"
         )
-    for key, path in (
-        ("cofitune.search.speciality.data", spec.speciality.data),
-        ("cofitune.search.versatility.prompts", spec.versatility.prompts),
-    ):
-        if not Path(path).is_file():
-            raise RecipeError(f"{key}: no file at {path}")
+    data_warnings = check_data_files(spec, "cofitune.search")
     _check_trial_keys(spec.trial)
     if "max_steps" not in spec.trial:
         LOG.warning(
@@ -159,6 +164,8 @@ def search(config: str) -> None:
         )
     if spec.versatility.lm_eval:
         _check_lm_eval_tasks(spec.versatility.lm_eval)
+    for warning in data_warnings:
+        LOG.warning("cofitune-search: %s", warning)
 
     model_config, meta_model = meta_model_of(raw)
     text_config = model_config.get_text_config()
@@ -185,6 +192,7 @@ def search(config: str) -> None:
 
     directory = Path(output)
     chosen_path = write_chosen(directory, result)
+    paper = paper_default(resolve)
     pareto_plot(result, directory / "pareto.png")
     total = sum(p.numel() for p in meta_model.parameters())
     seconds = time.perf_counter() - start
@@ -198,9 +206,10 @@ def search(config: str) -> None:
         f"All trials: training {sum(t.train_seconds for t in result.visited):.1f} s, evaluation "
         f"{sum(t.eval_seconds for t in result.visited):.1f} s.\n"
         f"Chosen: layers {result.chosen.window} ({text_config.num_hidden_layers} in the model), "
-        f"modules {result.chosen.modules}, written to {chosen_path}."
+        f"modules {result.chosen.modules}, written to {chosen_path}.\n"
+        f"{versus_paper_default(result, paper)}"
     )
-    table = markdown_table(result, records.base(), spec.speciality.metric, total)
+    table = markdown_table(result, records.base(), spec.speciality.metric, total, paper)
     (directory / "report.md").write_text(f"# CoFiTune search: {config}\n\n{table}\n\n{summary}\n")
     click.echo(f"{table}\n\n{summary}")
 
@@ -446,6 +455,82 @@ def _check_lm_eval_tasks(lm_eval) -> None:
             f"cofitune.search.versatility.lm_eval.tasks: lm-eval knows no task {unknown}; list "
             "them with `lm-eval ls tasks`, or add your own YAML under `include_path`"
         )
+
+
+@click.command("cofitune-report")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+def report(config: str) -> None:
+    """Compare CONFIG's trained model (in its output_dir) with its base model on the
+    `cofitune.report` data (default: the search's): writes cofitune-report.json and .md to the
+    output_dir, as `axolotl train` does when the recipe has a `cofitune.report` block."""
+    from axolotl.cli.config import load_cfg
+
+    from cofitune_plugin.plugin import write_report
+    from cofitune_plugin.train_report import headline
+
+    _check_report_recipe(config)
+    report, path = write_report(load_cfg(config))
+    click.echo("\n".join([*headline(report), f"Report: {path}"]))
+
+
+@click.command("cofitune-dial")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--grid",
+    default="0,0.25,0.5,0.75,1",
+    show_default=True,
+    help="Comma-separated values of a to score, each base + a (tuned - base).",
+)
+@click.option(
+    "--alpha",
+    type=float,
+    default=None,
+    help="Write the model at this a (no scoring) as a Hugging Face directory.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where --alpha writes; default: <output_dir>/cofitune-dial/alpha-<A>.",
+)
+def dial(config: str, grid: str, alpha: float | None, out: Path | None) -> None:
+    """Score CONFIG's models between the base (a = 0) and the trained one (a = 1), over the
+    selection only: resumable records in <output_dir>/cofitune-dial/dial.jsonl, the curve on the
+    search's axes in dial.png and a table in dial.md. With --alpha, write that model instead."""
+    from axolotl.cli.config import load_cfg
+
+    from cofitune_plugin.plugin import load_trained
+    from cofitune_plugin.train_report import write_dial
+
+    try:
+        alphas = [float(a) for a in grid.split(",")]
+    except ValueError:
+        raise click.BadParameter(
+            f"{grid!r}: write numbers separated by commas", param_hint="--grid"
+        ) from None
+    _check_report_recipe(config)
+    cfg = load_cfg(config)
+    output_dir = Path(cfg.output_dir)
+    if alpha is not None and out is not None and out.resolve() == output_dir.resolve():
+        raise click.BadParameter("would overwrite the trained model; choose another", "--out")
+    click.echo(write_dial(load_trained(cfg), alphas, alpha, out))
+
+
+def _check_report_recipe(config: str) -> None:
+    """Refuse, before any model loads, a recipe the report cannot read."""
+    from cofitune_plugin.args import LORA_ADAPTERS, RecipeError, check_recipe, eval_settings
+
+    raw = yaml.safe_load(Path(config).read_text())
+    recipe = check_recipe(raw)
+    if recipe is None:
+        raise RecipeError(f"{config}: no `cofitune:` block; the report compares a CoFiTune model")
+    if raw["adapter"] in LORA_ADAPTERS:
+        raise RecipeError(
+            f"adapter: {raw['adapter']}: the report and the dial read full-weight selections "
+            "(`adapter: cofitune`); LoRA recipes are not supported yet"
+        )
+    if recipe.report is None:  # check_recipe checks a `report` block; the search may stand in
+        eval_settings(recipe)
 
 
 @click.command("cofitune-plan")

@@ -23,8 +23,9 @@ def enable_cpu_ddp(cfg: dict) -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.accelerator.is_available():
         return False
     if cfg.get("deepspeed") or cfg.get("fsdp") or cfg.get("fsdp_config"):
-        # Neither runs on CPU in Axolotl 0.19 (README, "Multi-process training on CPU"); leave
-        # them to fail as they do rather than train as DDP.
+        # Neither runs on CPU in Axolotl 0.19 without patching accelerate's internals, which
+        # only the tests do (tests/harness; README, "Multi-process training on CPU"); leave them
+        # to the engine rather than train as DDP.
         return False
     # Transformers' TrainingArguments rebuilds accelerate's state later, with cpu=True only when
     # this is set; the state built here serves Axolotl's own barriers before that.

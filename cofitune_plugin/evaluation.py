@@ -1,7 +1,8 @@
 """Speciality and versatility of a causal LM, in plain PyTorch and transformers.
 
-- Speciality: exact match of the answer a regex extracts from a greedy generation, or the mean
-  NLL of reference answers (for domains without an answer key).
+- Speciality: exact match of the answer a regex extracts from a greedy generation (against
+  the reference's answer, by `answers.py`'s rule), or the mean NLL of reference answers (for
+  domains without an answer key).
 - Versatility: retention of the base model's own behaviour on general prompts. The base model
   answers each prompt greedily once; a tuned model is then scored by the NLL of those answers
   (teacher forcing) and by greedy agreement, the share of answer tokens that the tuned model
@@ -9,9 +10,6 @@
   Optionally, lm-evaluation-harness tasks (standard, or local ones from an include path).
 """
 
-import json
-import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from cofitune_plugin.answers import exact_match_hits
+from cofitune_plugin.datafiles import read_rows
 
 
 @dataclass
@@ -32,27 +33,11 @@ class Example:
 def read_examples(
     path: str | Path, tokenizer: PreTrainedTokenizerBase, limit: int | None = None
 ) -> list[Example]:
-    """Read JSONL with `messages` (the last one is the answer when it is the assistant's) or
-    `prompt` (and optionally `answer`) fields."""
-    path = Path(path)
-    examples = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if "messages" in row:
-            messages = list(row["messages"])
-            answer = messages.pop()["content"] if messages[-1]["role"] == "assistant" else None
-        elif "prompt" in row:
-            messages, answer = [{"role": "user", "content": row["prompt"]}], row.get("answer")
-        else:
-            raise ValueError(f"{path}:{n}: needs a `messages` or a `prompt` field")
-        examples.append(Example(_encode_prompt(tokenizer, messages), answer))
-        if limit is not None and len(examples) == limit:
-            break
-    if not examples:
-        raise ValueError(f"{path}: no examples")
-    return examples
+    """Tokenized prompts and answers of a JSONL file in `datafiles`' row forms."""
+    return [
+        Example(_encode_prompt(tokenizer, row.messages), row.answer)
+        for _, row in read_rows(path, limit)
+    ]
 
 
 def _encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
@@ -110,20 +95,34 @@ def greedy_generate(
     return outputs
 
 
+@dataclass
+class AnswerScore:
+    """One example under teacher forcing: its answer tokens' summed NLL, how many of them are
+    the model's argmax, and how many there are."""
+
+    nll: float
+    agree: int
+    tokens: int
+
+    @property
+    def reproduced(self) -> bool:
+        """The model's greedy decoding would write this answer exactly (every token agrees)."""
+        return self.agree == self.tokens
+
+
 @torch.no_grad()
-def answer_nll(
+def answer_scores(
     model: PreTrainedModel,
     prompts: list[list[int]],
     answers: list[list[int]],
     pad_token_id: int,
     batch_size: int,
     desc: str = "score",
-) -> tuple[float, float]:
-    """(mean NLL per answer token, share of answer tokens that are the model's argmax), both
-    over all answer tokens of all examples, under teacher forcing."""
+) -> list[AnswerScore]:
+    """Each example's answer NLL and greedy agreement under teacher forcing, in batches."""
     was_training = model.training
     model.eval()
-    nll_sum, agree, count = 0.0, 0, 0
+    scores = []
     pairs = list(zip(prompts, answers, strict=True))
     for start in tqdm(range(0, len(pairs), batch_size), desc=desc, leave=False):
         batch = pairs[start : start + batch_size]
@@ -139,36 +138,33 @@ def answer_nll(
         logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
         logits, labels = logits[:, :-1].float(), labels[:, 1:].to(logits.device)
         scored = labels != -100
-        nll_sum += F.cross_entropy(logits[scored], labels[scored], reduction="sum").item()
-        agree += (logits.argmax(-1)[scored] == labels[scored]).sum().item()
-        count += scored.sum().item()
+        nll = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # -100 gives 0
+        agree = (logits.argmax(-1) == labels) & scored
+        for row in range(len(batch)):
+            scores.append(
+                AnswerScore(
+                    nll=nll[row].sum().item(),
+                    agree=int(agree[row].sum()),
+                    tokens=int(scored[row].sum()),
+                )
+            )
     model.train(was_training)
-    return nll_sum / count, agree / count
+    return scores
 
 
-def extract_answer(text: str, pattern: str) -> str | None:
-    """The regex's first group, normalised ('1,200' and '1200.0' both read '1200')."""
-    matches = list(re.finditer(pattern, text))
-    if not matches:
-        return None
-    match = matches[-1]  # the final answer follows any intermediate ones
-    answer = match[1].replace(",", "").strip()
-    try:
-        number = float(answer)
-    except ValueError:
-        return answer
-    return str(int(number)) if math.isfinite(number) and number.is_integer() else str(number)
-
-
-def exact_match(predictions: list[str], references: list[str], pattern: str) -> float:
-    """Share of predictions whose extracted answer equals the reference's."""
-    hits = 0
-    for prediction, reference in zip(predictions, references, strict=True):
-        expected = extract_answer(reference, pattern)
-        if expected is None:
-            raise ValueError(f"answer_regex {pattern!r} finds no answer in reference {reference!r}")
-        hits += extract_answer(prediction, pattern) == expected
-    return hits / len(references)
+def answer_nll(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    answers: list[list[int]],
+    pad_token_id: int,
+    batch_size: int,
+    desc: str = "score",
+) -> tuple[float, float]:
+    """(mean NLL per answer token, share of answer tokens that are the model's argmax), both
+    over all answer tokens of all examples, under teacher forcing."""
+    scores = answer_scores(model, prompts, answers, pad_token_id, batch_size, desc)
+    tokens = sum(s.tokens for s in scores)
+    return sum(s.nll for s in scores) / tokens, sum(s.agree for s in scores) / tokens
 
 
 def speciality(
@@ -181,21 +177,84 @@ def speciality(
     batch_size: int,
 ) -> float:
     """Exact match (higher is better) or mean answer NLL (lower is better) on `examples`."""
-    prompts = [e.prompt_ids for e in examples]
-    references = [e.answer for e in examples]
-    if None in references:
-        raise ValueError("speciality data needs an answer per example (an assistant message last)")
     if metric == "loss":
+        prompts, references = _with_answers(examples)
         answers = [encode_answer(tokenizer, r) for r in references]
         return answer_nll(
             model, prompts, answers, tokenizer.pad_token_id, batch_size, "speciality"
         )[0]
+    hits = speciality_hits(model, tokenizer, examples, answer_regex, max_new_tokens, batch_size)
+    return sum(hits) / len(hits)
+
+
+def speciality_hits(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    answer_regex: str,
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[bool]:
+    """Per example: is the answer extracted from the model's greedy generation right?"""
+    prompts, references = _with_answers(examples)
     generated = greedy_generate(
         model, tokenizer, prompts, max_new_tokens, batch_size, desc="speciality"
     )
-    return exact_match(
+    return exact_match_hits(
         tokenizer.batch_decode(generated, skip_special_tokens=True), references, answer_regex
     )
+
+
+def _with_answers(examples: list[Example]) -> tuple[list[list[int]], list[str]]:
+    references = [e.answer for e in examples]
+    if None in references:
+        raise ValueError("speciality data needs an answer per example (an assistant message last)")
+    return [e.prompt_ids for e in examples], references
+
+
+@dataclass
+class TaskResult:
+    """One lm-eval task: its first reported metric (accuracy for multiple choice), that
+    metric's standard error, and the metric per document in document order."""
+
+    score: float
+    stderr: float | None
+    items: list[float]
+
+
+def lm_eval_results(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: list[str],
+    include_path: str | None,
+    limit: int | None,
+    batch_size: int,
+) -> dict[str, TaskResult]:
+    """Each task's result from lm-eval's own runner on the model in memory, with its
+    per-document samples (`log_samples`) so that item flips can be listed."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    output = simple_evaluate(
+        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
+        tasks=tasks,
+        task_manager=lm_eval_tasks(include_path),
+        limit=limit,
+        log_samples=True,
+    )
+    results = {}
+    for task in tasks:
+        metrics = output["results"][task]
+        key = next(k for k in metrics if k.endswith(",none") and "stderr" not in k)
+        name = key.split(",")[0]
+        stderr = metrics.get(f"{name}_stderr,none")
+        samples = sorted(output["samples"][task], key=lambda sample: sample["doc_id"])
+        results[task] = TaskResult(
+            score=metrics[key],
+            stderr=stderr if isinstance(stderr, float) else None,
+            items=[float(sample[name]) for sample in samples],
+        )
+    return results
 
 
 def lm_eval_scores(
@@ -208,19 +267,8 @@ def lm_eval_scores(
 ) -> dict[str, float]:
     """Each task's first reported metric (accuracy for multiple choice), from lm-eval's own
     runner on the model in memory."""
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-
-    results = simple_evaluate(
-        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
-        tasks=tasks,
-        task_manager=lm_eval_tasks(include_path),
-        limit=limit,
-    )["results"]
-    return {
-        task: next(v for k, v in results[task].items() if k.endswith(",none") and "stderr" not in k)
-        for task in tasks
-    }
+    results = lm_eval_results(model, tokenizer, tasks, include_path, limit, batch_size)
+    return {task: result.score for task, result in results.items()}
 
 
 def lm_eval_tasks(include_path: str | None):

@@ -14,7 +14,7 @@ This module is plain PyTorch: `plugin.py` and the CLI feed it batches and store 
 import hashlib
 import importlib.metadata
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,8 +173,14 @@ def normalize(raw: Tensor) -> Tensor:
     return torch.tanh(z).abs()
 
 
-def model_manifest(model: nn.Module, architecture: Architecture, layer_prefix: str) -> dict:
-    """The fields that tie importance to one model: store them with it, check them at load."""
+def model_manifest(
+    model: nn.Module,
+    architecture: Architecture,
+    layer_prefix: str,
+    sampler: Callable[[Tensor, int], tuple[torch.Size, Tensor]] | None = None,
+) -> dict:
+    """The fields that tie importance to one model: store them with it, check them at load.
+    `sampler`: see `model_fingerprint`."""
     layers = _hook_points(model, architecture, layer_prefix)
     return {
         "model_type": _text_config(model).model_type,
@@ -182,11 +188,29 @@ def model_manifest(model: nn.Module, architecture: Architecture, layer_prefix: s
         "n_heads": layers[0].head_gate.numel(),
         "d_ff": layers[0].intermediate_gate.numel(),
         "d_model": layers[0].output_gate.numel(),
-        "fingerprint": model_fingerprint(model),
+        "fingerprint": model_fingerprint(model, sampler),
     }
 
 
-def model_fingerprint(model: nn.Module) -> str:
+Sampler = Callable[[Tensor, int], tuple[torch.Size, Tensor]]
+"""(parameter, count) -> the parameter's full shape and `count` evenly spaced values of it."""
+
+
+def sample_positions(numel: int, count: int) -> Tensor:
+    """`count` evenly spaced flat positions from the first element to the last."""
+    # integer spacing: float32 linspace rounds past the last index of large tensors
+    return torch.arange(count) * (numel - 1) // (count - 1)
+
+
+def sampled_values(param: Tensor, count: int) -> tuple[torch.Size, Tensor]:
+    """A parameter that holds all its values: its shape and `count` evenly spaced values."""
+    flat = param.detach().reshape(-1)
+    if flat.numel() == 0:
+        return param.shape, flat
+    return param.shape, flat[sample_positions(flat.numel(), count).to(flat.device)]
+
+
+def model_fingerprint(model: nn.Module, sampler: Sampler | None = None) -> str:
     """A cheap hash of the weights: model type, every parameter's shape, and 16 evenly spaced
     values of every parameter.
 
@@ -194,21 +218,21 @@ def model_fingerprint(model: nn.Module) -> str:
     gives the same fingerprint; different weights (another checkpoint, a fine-tuned copy) almost
     surely do not. Parameter names are left out so that wrappers adding prefixes do not matter,
     and so are LoRA adapters, so that a LoRA run matches the importance of its base model.
+
+    `sampler` reads a parameter's shape and values where the parameter does not hold them all
+    itself (a DeepSpeed ZeRO-3 partition: `sharded.sampled_values`); by default, the tensor.
     """
+    sampler = sampler or sampled_values
     digest = hashlib.sha256(str(getattr(model.config, "model_type", "")).encode())
     adapters = adapter_parameter_ids(model)
     for param in model.parameters():
         if id(param) in adapters:
             continue
-        digest.update(str(tuple(param.shape)).encode())
-        flat = param.detach().reshape(-1)
-        if flat.numel() == 0:
+        shape, values = sampler(param, _FINGERPRINT_SAMPLES)
+        digest.update(str(tuple(shape)).encode())
+        if values.numel() == 0:
             continue
-        # integer spacing: float32 linspace rounds past the last index of large tensors
-        positions = (
-            torch.arange(_FINGERPRINT_SAMPLES) * (flat.numel() - 1) // (_FINGERPRINT_SAMPLES - 1)
-        )
-        sample = flat[positions.to(flat.device)].to(torch.bfloat16).float().cpu()
+        sample = values.to(torch.bfloat16).float().cpu()
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()
 

@@ -14,9 +14,14 @@ Hooks used, in Axolotl's order:
 - `post_trainer_create`: after Axolotl froze the model (or added the adapters), check that
   exactly the selection (or its adapters) trains, print the trainable-parameter report, and attach
   the soft masks (`cofitune.soft_mask`), to the base rows or to each adapter's `lora_B` rows.
+- `post_train`: with `cofitune.report`, write the before/after report (train_report.py) once the
+  trained model is saved in `output_dir`, on global rank 0 only. Axolotl calls this hook right
+  after training and again after saving: the report reads the saved model, so it runs on the call
+  that finds weights newer than the start of training, once.
 """
 
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -47,7 +52,8 @@ from cofitune_plugin.importance import MANIFEST_FILE, load_importance, model_man
 from cofitune_plugin.lora import lora_b_masks, lora_parameters, target_modules_regex
 from cofitune_plugin.search import read_chosen
 from cofitune_plugin.selection import Selection, select_parameters
-from cofitune_plugin.softmask import SoftMask, row_masks
+from cofitune_plugin.sharded import EnginePlacement, engine_of, sampled_values
+from cofitune_plugin.softmask import SoftMask, check_masks, row_masks
 
 # Axolotl shows INFO only from loggers under "axolotl", where its own integrations live.
 LOG = get_logger("axolotl.integrations.cofitune")
@@ -55,6 +61,9 @@ LOG = get_logger("axolotl.integrations.cofitune")
 
 class CoFiTunePlugin(BasePlugin):
     """Axolotl plugin adding the `cofitune` fine-tuning mode."""
+
+    _trainer_created: float | None = None  # when `post_trainer_create` ran (epoch seconds)
+    _reported: bool = False
 
     def get_input_args(self) -> str:
         return "cofitune_plugin.args.CoFiTuneArgs"
@@ -116,6 +125,7 @@ class CoFiTunePlugin(BasePlugin):
     def post_trainer_create(self, cfg: DictDefault, trainer: Trainer) -> None:
         if cfg.cofitune is None:
             return
+        self._trainer_created = time.time()
         config = CoFiTuneConfig.model_validate(cfg.cofitune)
         lora = cfg.adapter != ADAPTER  # lora/qlora, handed over by `register`
         if lora:
@@ -136,23 +146,117 @@ class CoFiTunePlugin(BasePlugin):
                 f"{sum(model.get_parameter(name).numel() for name in trained):,}",
             )
         if config.soft_mask:
-            trainer.add_callback(
-                _SoftMaskDuringTraining(_build_soft_mask(model, selection, config, lora))
-            )
+            masks = _build_masks(model, selection, config, lora)
+            if lora:  # PEFT's names: the callback is handed the PEFT model
+                masks = {f"base_model.model.{name}": mask for name, mask in masks.items()}
+            trainer.add_callback(_SoftMaskDuringTraining(masks, config.soft_mask.apply_to))
+
+    def post_train(self, cfg: DictDefault, model: nn.Module) -> None:
+        if cfg.cofitune is None or cfg.cofitune.get("report") is None or self._reported:
+            return
+        if os.environ.get("RANK", "0") != "0" or not _saved_since(
+            Path(cfg.output_dir), self._trainer_created
+        ):
+            return
+        self._reported = True
+        from cofitune_plugin.train_report import headline
+
+        report, path = write_report(cfg)
+        LOG.info("cofitune: %s", "\n".join([*headline(report), f"Report: {path}"]))
+
+
+def _saved_since(output_dir: Path, since: float | None) -> bool:
+    """Weights saved in `output_dir` after `since` (the trained model, not an older run's)."""
+    files = [*output_dir.glob("*.safetensors"), *output_dir.glob("pytorch_model*.bin")]
+    saved = [p.stat().st_mtime for p in files]
+    return bool(saved) and since is not None and max(saved) >= since
+
+
+def load_trained(cfg: DictDefault):
+    """What the report and the dial need from a recipe whose model was trained: the tuned model
+    from `output_dir` (on the accelerator when there is one), the base's values of the selected
+    parameters, an evaluator on the report's data, and the selection's table. Refuses a model
+    that is not the recipe's base plus a change of the selection (see `dial.check_same_base`)."""
+    from axolotl.loaders import load_tokenizer
+
+    from cofitune_plugin.args import eval_settings
+    from cofitune_plugin.dial import DialError, check_same_base, selection_values
+    from cofitune_plugin.train_report import Evaluator, Trained
+
+    config = CoFiTuneConfig.model_validate(cfg.cofitune)
+    settings = eval_settings(config)
+    output_dir = Path(cfg.output_dir)
+    if not (output_dir / "config.json").is_file():
+        raise RecipeError(
+            f"output_dir: no trained model in {output_dir}; run `axolotl train` on this recipe "
+            "first (the report compares that model with `base_model`)"
+        )
+    evaluator = Evaluator(load_tokenizer(cfg), settings)
+    _, meta_model = meta_model_of(cfg)
+    selection = select(meta_model.config, meta_model, config)
+    remote = bool(cfg.trust_remote_code)
+    tuned = AutoModelForCausalLM.from_pretrained(output_dir, dtype="auto", trust_remote_code=remote)
+    base = AutoModelForCausalLM.from_pretrained(
+        cfg.base_model, dtype=tuned.dtype, trust_remote_code=remote
+    )
+    try:
+        check_same_base(base, tuned, selection.parameters)
+    except DialError as exc:
+        raise RecipeError(
+            f"output_dir: {output_dir} does not hold `base_model` ({cfg.base_model}) trained on "
+            f"this recipe's selection: {exc}"
+        ) from None
+    base_values = selection_values(base, selection.parameters)
+    del base
+    if torch.cuda.is_available():
+        tuned = tuned.to("cuda")
+    total = sum(p.numel() for p in meta_model.parameters())
+    search_dir = (config.search.output_dir or config.from_search) if config.search else None
+    return Trained(
+        tuned,
+        base_values,
+        evaluator,
+        output_dir,
+        Path(search_dir) if search_dir else None,
+        selection.report(total),
+    )
+
+
+def write_report(cfg: DictDefault) -> tuple[dict, Path]:
+    """`cofitune-report.json` and `.md` in `output_dir`; returns the report and the .md path."""
+    from cofitune_plugin.train_report import REPORT_MD, report_on
+
+    trained = load_trained(cfg)
+    return report_on(trained, str(cfg.base_model)), trained.output_dir / REPORT_MD
 
 
 class _SoftMaskDuringTraining(TrainerCallback):
-    """Keeps the soft mask exactly as long as `trainer.train()`: hands it the optimizer once the
-    Trainer has built it (update mode) and removes its hooks at the end, so a later evaluation or
-    a second trainer on the same model (the search, the benchmarks) is never masked."""
+    """Keeps the soft mask exactly as long as `trainer.train()`, so a later evaluation or a
+    second trainer on the same model (the search, the benchmarks) is never masked.
 
-    def __init__(self, soft_mask: SoftMask) -> None:
-        self.soft_mask = soft_mask
+    The mask is bound at `on_train_begin`, after accelerate prepared the model and optimizer:
+    FSDP2 replaces the parameters with sharded ones and DeepSpeed builds its partitions there,
+    so hooks bound earlier would sit on tensors that no longer train (`sharded.EnginePlacement`).
+    """
 
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs) -> None:
-        if self.soft_mask.apply_to == "update":
-            # Accelerate wraps the optimizer; step hooks must sit on the torch optimizer it steps.
-            self.soft_mask.attach_optimizer(getattr(optimizer, "optimizer", optimizer))
+    def __init__(self, masks: dict[str, torch.Tensor], apply_to: str) -> None:
+        self.masks = masks
+        self.apply_to = apply_to
+        self.soft_mask: SoftMask | None = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs) -> None:
+        self.soft_mask = SoftMask(model, self.masks, self.apply_to, placement=EnginePlacement())
+        LOG.info(
+            "cofitune: soft masks bound to this rank's %s (apply_to=%s)",
+            engine_of(model.get_parameter(next(iter(self.masks)))),
+            self.apply_to,
+        )
+        if self.apply_to == "update":
+            # Accelerate wraps the optimizer, and DeepSpeed's ZeRO optimizer wraps the torch
+            # optimizer it steps over its partitions: step hooks go on that innermost one.
+            while hasattr(optimizer, "optimizer"):
+                optimizer = optimizer.optimizer
+            self.soft_mask.attach_optimizer(optimizer)
 
     def on_train_end(self, args, state, control, **kwargs) -> None:
         self.soft_mask.remove()
@@ -183,16 +287,16 @@ def _check_trains_exactly(model: nn.Module, expected: list[str]) -> None:
         )
 
 
-def _build_soft_mask(
+def _build_masks(
     model: nn.Module, selection: Selection, config: CoFiTuneConfig, lora: bool
-) -> SoftMask:
-    """Row masks of the selected weights, on the weights themselves or, with `lora`, on each
-    adapter's `lora_B`."""
+) -> dict[str, torch.Tensor]:
+    """Row masks of the selected weights, for the weights themselves or, with `lora`, for each
+    adapter's `lora_B`; checked against the model's shapes now, before training starts."""
     text_config = model.config.get_text_config()
     architecture = architecture_for(text_config.model_type)
     importance = load_importance(
         importance_dirs(config.soft_mask.importance),
-        expected=model_manifest(model, architecture, selection.layer_prefix),
+        expected=model_manifest(model, architecture, selection.layer_prefix, sampled_values),
     )
     n_heads = text_config.num_attention_heads
     masks = row_masks(
@@ -211,7 +315,8 @@ def _build_soft_mask(
         config.soft_mask.apply_to,
         config.soft_mask.importance,
     )
-    return SoftMask(model, masks, apply_to=config.soft_mask.apply_to)
+    check_masks(model, masks, EnginePlacement())
+    return masks
 
 
 def meta_model_of(cfg: dict) -> tuple[PretrainedConfig, nn.Module]:

@@ -7,7 +7,13 @@ import matplotlib
 matplotlib.use("Agg")  # files only: searches run on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 
-from cofitune_plugin.search import BaseRecord, SearchResult  # noqa: E402
+from cofitune_plugin.search import (  # noqa: E402
+    BaseRecord,
+    Candidate,
+    Score,
+    SearchResult,
+    paper_selection,
+)
 from cofitune_plugin.selection import compact_layers  # noqa: E402
 
 
@@ -27,8 +33,15 @@ def _search_front(result: SearchResult) -> set[str]:
     )
 
 
-def markdown_table(result: SearchResult, base: BaseRecord, metric: str, total: int) -> str:
-    """One row per trial in visiting order; the chosen one in bold, the Pareto front marked."""
+def markdown_table(
+    result: SearchResult,
+    base: BaseRecord,
+    metric: str,
+    total: int,
+    paper: Candidate | None = None,
+) -> str:
+    """One row per trial in visiting order; the chosen one in bold, the Pareto front and the
+    paper's default (`paper`, see `search.paper_default`) marked."""
     front = _search_front(result)
     spec_name = "held-out NLL" if metric == "loss" else "exact match"
     tasks = list(base.tasks)
@@ -44,6 +57,8 @@ def markdown_table(result: SearchResult, base: BaseRecord, metric: str, total: i
     for i, t in enumerate(result.visited, start=1):
         s = result.scores[t.key]
         mark = " (chosen)" if t is result.chosen else (" (Pareto)" if t.key in front else "")
+        if paper is not None and t.key == paper.key:
+            mark += " (paper's default)"
         row = (
             f"| {i}{mark} | {t.window} | {t.modules} | {compact_layers(t.layers)} "
             f"| {t.trainable:,} ({100 * t.trainable / total:.1f}%) | {t.speciality:.4f} "
@@ -55,6 +70,27 @@ def markdown_table(result: SearchResult, base: BaseRecord, metric: str, total: i
         )
         lines.append(row.replace(f"| {i}{mark} |", f"| **{i}{mark}** |") if mark else row)
     return "\n".join(lines)
+
+
+def versus_paper_default(result: SearchResult, paper: Candidate | None) -> str:
+    """One sentence: the chosen selection against the paper's default, when the search
+    measured it, so a user sees what the search bought them."""
+    window, modules = paper_selection()
+    name = f"the paper's default (`{modules}` in `{window}`)"
+    if paper is None or paper.key not in result.scores:
+        return f"{name[0].upper()}{name[1:]} was not among the trials."
+    if paper.key == result.chosen.key:
+        return f"The chosen selection is {name}."
+    number = next(i for i, t in enumerate(result.visited, start=1) if t.key == paper.key)
+    return (
+        f"Against {name}, trial {number}: {_scores(result, result.chosen.key)} for the chosen, "
+        f"{_scores(result, paper.key)} for the paper's."
+    )
+
+
+def _scores(result: SearchResult, key: str) -> str:
+    s = result.scores[key]
+    return f"Uni {s.uni:.3f} (Spec {s.speciality:.3f}, Vers {s.versatility:.3f})"
 
 
 def pareto_plot(result: SearchResult, path: Path) -> None:
@@ -81,10 +117,45 @@ def pareto_plot(result: SearchResult, path: Path) -> None:
         )
     edge = sorted((result.scores[k].speciality, result.scores[k].versatility) for k in front)
     ax.plot(*zip(*edge, strict=True), color="tab:blue", linewidth=1, zorder=2)
-    ax.set_xlabel("speciality (ratio to the best trial)")
+    _finish(
+        fig,
+        ax,
+        "speciality (ratio to the best trial)",
+        f"CoFiTune search: chosen {result.chosen.window} {result.chosen.modules}",
+        path,
+    )
+
+
+def _finish(fig, ax, xlabel: str, title: str, path: Path) -> None:
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("versatility (base NLL / trial NLL of base answers)")
-    ax.set_title(f"CoFiTune search: chosen {result.chosen.window} {result.chosen.modules}")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def dial_plot(scores: dict[float, Score], path: Path, title: str) -> None:
+    """The dial's curve on the search's axes, from a = 0 (the base) to a = 1 (the trained
+    model, starred)."""
+    alphas = sorted(scores)
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    xs = [scores[a].speciality for a in alphas]
+    ys = [scores[a].versatility for a in alphas]
+    ax.plot(xs, ys, color="tab:blue", marker="o", linewidth=1, zorder=2)
+    for alpha, x, y in zip(alphas, xs, ys, strict=True):
+        ax.annotate(f"a={alpha:g}", (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    if 1.0 in scores:
+        trained = scores[1.0]
+        ax.scatter(
+            trained.speciality,
+            trained.versatility,
+            marker="*",
+            s=220,
+            color="tab:red",
+            zorder=3,
+            label="trained (a=1)",
+        )
+        ax.legend(loc="best", fontsize=8)
+    _finish(fig, ax, "speciality (ratio to the best point on the dial)", title, path)

@@ -4,17 +4,16 @@ A level proposes candidates (windows x module sets); each candidate is trained b
 the level's best becomes the next level's starting point, and the last level's best is the chosen
 selection. The tree narrows on purpose, as the paper's does: a narrower window or module set may
 score a little below the wider one it came from, and the report shows every trial so a user can
-see that trade. Scores are Uni = w_s Spec + w_v Vers,
-each axis a ratio to a reference (DESIGN.md section 4): Spec to the best trial seen so far, Vers
-to the base model. The tree is replayed from the records on every start, so a search resumed after
-a crash takes exactly the path the uninterrupted one would have.
+see that trade. Scores are Uni = w_s Spec + w_v Vers, each axis a ratio to a reference
+(docs/design.md section 5): Spec to the best trial seen so far, Vers to the base model. The tree
+is replayed from the records on every start, so a search resumed after a crash takes exactly the
+path the uninterrupted one would have.
 
 Pure Python: the caller supplies `resolve` (spec -> trained layers and parameter count) and
 `run_trial` (candidate -> measured record), so the search logic is testable without a model.
 """
 
 import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +21,8 @@ from typing import Any
 
 import yaml
 
-from cofitune_plugin.args import SPLIT, SearchLevel, SearchWeights
+from cofitune_plugin.args import SPLIT, CoFiTuneConfig, SearchLevel, SearchWeights
+from cofitune_plugin.jsonl import RecordError, append_record, read_records
 from cofitune_plugin.selection import DEPTH_WINDOW, compact_layers
 
 TRIALS_FILE = "trials.jsonl"
@@ -136,6 +136,21 @@ def level_candidates(level: SearchLevel, winner: Candidate | None, resolve: Reso
         windows = [window_label(w) for w in level.windows]
     modules = [modules_label(m) for m in level.modules] if level.modules else [winner.modules]
     return [resolve(w, m) for w in windows for m in modules]
+
+
+def paper_selection() -> tuple[str, str]:
+    """(window, modules) of the paper's selection: what `cofitune: {}` trains."""
+    default = CoFiTuneConfig()
+    return window_label(default.layers), modules_label(default.modules)
+
+
+def paper_default(resolve: Resolve) -> Candidate | None:
+    """The paper's selection on this model, so the report can show what the search bought over
+    it; None where it does not resolve (e.g. a model too shallow for its window)."""
+    try:
+        return resolve(*paper_selection())
+    except ValueError:
+        return None
 
 
 def check_levels(levels: list[SearchLevel], resolve: Resolve) -> int:
@@ -261,26 +276,14 @@ class SearchRecords:
             )
 
     def trials(self) -> dict[str, TrialRecord]:
-        if not self.trials_path.exists():
-            return {}
-        lines = self.trials_path.read_text().splitlines()
-        records: dict[str, TrialRecord] = {}
-        for i, line in enumerate(lines):
-            try:
-                record = TrialRecord(**json.loads(line))
-            except (json.JSONDecodeError, TypeError):
-                if i == len(lines) - 1:  # cut by a crash mid-write: that trial reruns
-                    self.trials_path.write_text("".join(f"{x}\n" for x in lines[:-1]))
-                    break
-                raise SearchError(f"{self.trials_path}:{i + 1}: not a trial record") from None
-            records[record.key] = record
-        return records
+        try:
+            records = read_records(self.trials_path, lambda row: TrialRecord(**row))
+        except RecordError as exc:
+            raise SearchError(str(exc)) from None
+        return {record.key: record for record in records}
 
     def append(self, record: TrialRecord) -> None:
-        with self.trials_path.open("a") as f:
-            f.write(json.dumps(asdict(record)) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_record(self.trials_path, asdict(record))
 
     def base(self) -> BaseRecord | None:
         path = self.directory / BASE_FILE

@@ -12,11 +12,13 @@ Two ways to apply them:
   gradient mask only bites where s is tiny; masking the update gives the intended effect.
 """
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
 from cofitune_plugin.architectures import Architecture
 from cofitune_plugin.importance import NormalizedImportance
@@ -155,6 +157,40 @@ def _per_head(keep: Tensor, rows: int, name: str) -> Tensor:
     return keep.repeat_interleave(rows // keep.numel())
 
 
+class Placement(Protocol):
+    """Where a parameter's values and gradients live while it trains. A plain parameter is its
+    own values; a sharded one (FSDP2, DeepSpeed ZeRO) keeps this rank's share elsewhere, and the
+    placement says where (`cofitune_plugin.sharded`), so the mask rule stays engine-agnostic."""
+
+    def shape(self, param: Tensor) -> torch.Size:
+        """The parameter's shape in the full model."""
+
+    def local_rows(self, param: Tensor, factor: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """The tensors the optimizer steps for `param` on this rank, each a [rows, ...] view,
+        paired with the slice of the [rows] `factor` matching those rows."""
+
+    def hook_gradient(
+        self, module: nn.Module, name: str, param: Tensor, hook: Callable[[Tensor], Tensor]
+    ) -> list[RemovableHandle]:
+        """Run `hook` on each gradient contribution to `param` (attribute `name` of `module`),
+        before any reduction across ranks."""
+
+
+class PlainPlacement:
+    """A parameter that is its own values: one process, DDP."""
+
+    def shape(self, param: Tensor) -> torch.Size:
+        return param.shape
+
+    def local_rows(self, param: Tensor, factor: Tensor) -> list[tuple[Tensor, Tensor]]:
+        return [(param, factor)]
+
+    def hook_gradient(
+        self, module: nn.Module, name: str, param: Tensor, hook: Callable[[Tensor], Tensor]
+    ) -> list[RemovableHandle]:
+        return [param.register_hook(hook)]
+
+
 class SoftMask:
     """Applies row masks to the selected parameters during training.
 
@@ -169,6 +205,11 @@ class SoftMask:
     that only `mask` of the optimizer's change remains: p = p_old + mask * (p_new - p_old). Weight
     decay is part of the change and is masked with it. Extra memory: one copy of the selected
     parameters; no allocation per step. A step the optimizer skips (fp16 overflow) runs neither.
+
+    `placement` says where each parameter's values and gradients live: the parameters themselves
+    by default; under FSDP2 or DeepSpeed ZeRO, this rank's shard or partition
+    (`cofitune_plugin.sharded`), so each rank masks only what it holds, with the mask sliced to
+    match, and nothing is gathered.
     """
 
     def __init__(
@@ -176,43 +217,45 @@ class SoftMask:
         model: nn.Module,
         masks: dict[str, Tensor],
         apply_to: Literal["gradient", "update"],
+        placement: Placement | None = None,
     ) -> None:
         if apply_to not in ("gradient", "update"):
             raise ValueError(f"apply_to must be 'gradient' or 'update', not {apply_to!r}")
+        placement = placement or PlainPlacement()
         self.apply_to = apply_to
         self._parameters: list[Tensor] = []
         self._row_factors: list[Tensor] = []
         self._handles: list = []
         self._previous: list[Tensor] = []
+        check_masks(model, masks, placement)
         for name, mask in masks.items():
             param = model.get_parameter(name)
-            if mask.dim() != 1 or mask.numel() != param.shape[0]:
-                raise SoftMaskError(
-                    f"cofitune.soft_mask: the mask of {name} has shape {tuple(mask.shape)}, not "
-                    f"one factor per row of its {tuple(param.shape)} parameter"
-                )
-            if not param.requires_grad:
-                raise SoftMaskError(f"cofitune.soft_mask: {name} is frozen; nothing to mask")
+            shape = placement.shape(param)
             # gradient: the kept fraction; update: the fraction of the change to undo.
             factor = mask if apply_to == "gradient" else 1 - mask
-            factor = factor.to(device=param.device, dtype=param.dtype)
-            self._parameters.append(param)
-            self._row_factors.append(factor.view(-1, *[1] * (param.dim() - 1)))
-        if apply_to == "gradient":
-            self._handles = [
-                param.register_hook(_scaled_by(factor))
-                for param, factor in zip(self._parameters, self._row_factors)
-            ]
+            if apply_to == "gradient":
+                module_name, _, attribute = name.rpartition(".")
+                self._handles += placement.hook_gradient(
+                    model.get_submodule(module_name),
+                    attribute,
+                    param,
+                    _scaled_by(_per_row(factor, len(shape), param)),
+                )
+                continue
+            for values, local_factor in placement.local_rows(param, factor):
+                self._parameters.append(values)
+                self._row_factors.append(_per_row(local_factor, values.dim(), values))
 
     def attach_optimizer(self, optimizer: Optimizer) -> None:
-        """Mask the updates `optimizer` makes (update mode). Pass the torch optimizer itself."""
+        """Mask the updates `optimizer` makes (update mode). Pass the torch optimizer that steps
+        the values the placement names (under DeepSpeed, the inner one over its partitions)."""
         if self.apply_to != "update":
             raise RuntimeError(
                 "attach_optimizer is for apply_to='update'; gradient masks need none"
             )
         if self._previous:
             raise RuntimeError("this SoftMask is already attached to an optimizer")
-        self._previous = [torch.empty_like(param) for param in self._parameters]
+        self._previous = [torch.empty_like(values) for values in self._parameters]
         self._handles += [
             optimizer.register_step_pre_hook(self._remember),
             optimizer.register_step_post_hook(self._keep_masked_change),
@@ -234,6 +277,26 @@ class SoftMask:
         # p_new + (1 - mask) * (p_old - p_new) == p_old + mask * (p_new - p_old): one fused
         # pass per tensor (lerp) where sub_, mul_, add_ made three.
         torch._foreach_lerp_(self._parameters, self._previous, self._row_factors)
+
+
+def check_masks(model: nn.Module, masks: dict[str, Tensor], placement: Placement) -> None:
+    """Each mask is one factor per row of a parameter that trains."""
+    for name, mask in masks.items():
+        param = model.get_parameter(name)
+        shape = placement.shape(param)
+        if mask.dim() != 1 or mask.numel() != shape[0]:
+            raise SoftMaskError(
+                f"cofitune.soft_mask: the mask of {name} has shape {tuple(mask.shape)}, not "
+                f"one factor per row of its {tuple(shape)} parameter"
+            )
+        if not param.requires_grad:
+            raise SoftMaskError(f"cofitune.soft_mask: {name} is frozen; nothing to mask")
+
+
+def _per_row(factor: Tensor, dims: int, like: Tensor) -> Tensor:
+    """`factor` [rows] as a column that broadcasts over the rows of a `dims`-D tensor, in
+    `like`'s device and dtype."""
+    return factor.to(device=like.device, dtype=like.dtype).view(-1, *[1] * (dims - 1))
 
 
 def _scaled_by(factor: Tensor):

@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,9 +15,13 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tokenizers import decoders
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from cofitune_plugin.args import RecipeError
 from cofitune_plugin.cli import importance as importance_command
 from cofitune_plugin.cli import search as search_command
+from cofitune_plugin.evaluation import greedy_generate
 from cofitune_plugin.selection import select_parameters
 from conftest import (
     OFFLINE_ENV,
@@ -139,3 +144,142 @@ def test_bad_search_specs_stop_before_any_training(tmp_path, tiny_models, search
     with pytest.raises(ValueError, match=message):
         search_command.main([str(path)], standalone_mode=False)
     assert not (tmp_path / "search" / "trials.jsonl").exists()
+
+
+@pytest.fixture
+def weightless_llama(tmp_path, tiny_models) -> Path:
+    """The tiny llama's config and tokenizer without its weights: a command that stops with its
+    message here has read no weights (loading them fails with another error)."""
+    directory = tmp_path / "weightless"
+    shutil.copytree(tiny_models["llama"], directory, ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        AutoModelForCausalLM.from_pretrained(directory)
+    return directory
+
+
+def write_jsonl(path: Path, rows: list) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+ANSWERED = {"prompt": "Tom buys 3 apples", "answer": "6"}
+
+
+@pytest.mark.parametrize(
+    ("held_out", "keys", "message"),
+    [
+        (
+            [ANSWERED, {"prompt": "Anna is 7"}],
+            {},
+            r"cofitune.search.speciality.data: \S*held_out.jsonl:2: no reference answer",
+        ),
+        (
+            [ANSWERED, '{"prompt": "Anna is 7",'],
+            {},
+            r"cofitune.search.speciality.data: \S*held_out.jsonl:2: not JSON",
+        ),
+        (
+            [ANSWERED],
+            {"versatility": {"prompts": "missing.jsonl"}},
+            r"cofitune.search.versatility.prompts: no file at missing.jsonl",
+        ),
+        (
+            [ANSWERED],
+            {"speciality": {"answer_regex": r"####\s*\d+"}},
+            r"cofitune.search.speciality.answer_regex: .*needs a capture group",
+        ),
+    ],
+)
+def test_bad_data_files_stop_before_any_model_loads(
+    tmp_path, weightless_llama, held_out, keys, message
+):
+    block = search_block(tmp_path)
+    speciality, versatility = block["search"]["speciality"], block["search"]["versatility"]
+    speciality.update(data=write_jsonl(tmp_path / "held_out.jsonl", held_out), metric="exact_match")
+    speciality.update(keys.get("speciality", {}))
+    versatility.update(keys.get("versatility", {}))
+    path = write_recipe(tmp_path, recipe(tmp_path, weightless_llama, cofitune=block))
+    with pytest.raises(RecipeError, match=message):
+        search_command.main([str(path)], standalone_mode=False)
+    assert not (tmp_path / "search").exists()
+
+
+def memorised_llama(directory: Path, source: Path, prompt: str, answer: str) -> Path:
+    """The tiny llama trained until its greedy continuation of `prompt` is `answer`, then EOS;
+    its tokenizer decodes bytes back to text (the shared test tokenizer has no decoder, so it
+    joins tokens with spaces)."""
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.backend_tokenizer.decoder = decoders.ByteLevel()
+    model = AutoModelForCausalLM.from_pretrained(source)
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = torch.tensor([prompt_ids + answer_ids])
+    labels = ids.clone()
+    labels[0, : len(prompt_ids)] = -100
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(20):
+        for _ in range(10):
+            model(input_ids=ids, labels=labels).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        if greedy_generate(model, tokenizer, [prompt_ids], 8, 1) == [answer_ids]:
+            break
+    else:
+        raise AssertionError(f"the tiny llama did not learn to answer {answer!r}")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_a_search_scores_bare_answers_and_states_the_paper_default(tmp_path, tiny_models, capsys):
+    """The base answers " #### 6" to every held-out question, so of the references "6",
+    " 6.0 ", a worked solution ending "#### 6", and "7", three are hits; a trial at a negligible
+    learning rate scores the same."""
+    prompt = "Tom buys 3 apples at 2 dollars each."
+    model = memorised_llama(tmp_path / "memorised", tiny_models["llama"], prompt, " #### 6")
+    chat = [
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": "3 * 2 = 6 #### 6"},
+    ]
+    block = search_block(
+        tmp_path,
+        levels=[{"windows": ["25%-50%"], "modules": ["ffn"]}],
+        trial={"max_steps": 1, "learning_rate": 1e-9},
+    )
+    held_out = write_jsonl(
+        tmp_path / "bare_answers.jsonl",
+        [
+            {"prompt": prompt, "answer": "6"},
+            {"prompt": prompt, "answer": " 6.0 "},
+            {"messages": chat},
+            {"prompt": prompt, "answer": "7"},
+        ],
+    )
+    block["search"]["speciality"].update(data=held_out, metric="exact_match", max_new_tokens=8)
+    path = write_recipe(tmp_path, recipe(tmp_path, model, cofitune=block))
+    search_command.main([str(path)], standalone_mode=False)
+
+    base = json.loads((tmp_path / "search" / "base.json").read_text())
+    (trial,) = [json.loads(line) for line in (tmp_path / "search" / "trials.jsonl").open()]
+    assert base["speciality"] == trial["speciality"] == 0.75
+    report = (tmp_path / "search" / "report.md").read_text()
+    assert "| **1 (chosen) (paper's default)** | 25%-50% | ffn |" in report
+    stated = "The chosen selection is the paper's default (`ffn` in `25%-50%`)."
+    assert stated in report and stated in capsys.readouterr().out
+
+
+def test_a_held_out_set_no_prediction_can_match_warns_before_anything_loads(
+    tmp_path, weightless_llama, caplog
+):
+    """Every reference a word, the regex capturing numbers: a warning, not an error; it comes
+    before the levels are even checked (here a bad level then stops the command)."""
+    block = search_block(tmp_path, levels=[{"windows": ["0-8"], "modules": ["ffn"]}])
+    words = [{"prompt": "The capital of France is", "answer": "Paris"}]
+    block["search"]["speciality"].update(
+        data=write_jsonl(tmp_path / "words.jsonl", words), metric="exact_match"
+    )
+    path = write_recipe(tmp_path, recipe(tmp_path, weightless_llama, cofitune=block))
+    with caplog.at_level("WARNING"), pytest.raises(ValueError, match="reaches layer 8"):
+        search_command.main([str(path)], standalone_mode=False)
+    assert "speciality.data: no prediction can ever match" in caplog.text

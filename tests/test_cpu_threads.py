@@ -38,7 +38,9 @@ def test_the_parent_environment_is_what_our_parent_started_with():
 
 def test_a_single_process_axolotl_train_uses_every_core(tmp_path, tiny_models):
     cfg = recipe(tmp_path, tiny_models["llama"], max_steps=1)
-    result = run_axolotl("train", str(write_recipe(tmp_path, cfg)), cwd=tmp_path, omp_threads=None)
+    result = run_axolotl(
+        "train", str(write_recipe(tmp_path, cfg)), cwd=tmp_path, env={"OMP_NUM_THREADS": None}
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert f"cofitune: no accelerator: {len(os.sched_getaffinity(0))} CPU threads" in (
         result.stdout + result.stderr

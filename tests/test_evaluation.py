@@ -11,9 +11,8 @@ from transformers import AutoTokenizer
 from cofitune_plugin.evaluation import (
     answer_nll,
     encode_answer,
-    exact_match,
-    extract_answer,
     greedy_generate,
+    lm_eval_results,
     lm_eval_scores,
     read_examples,
     speciality,
@@ -65,17 +64,6 @@ def test_batching_and_padding_do_not_change_the_scores(model_and_tokenizer):
     assert padded == alone
 
 
-def test_answers_are_extracted_and_normalised():
-    assert extract_answer("Step 1: 3 * 400 = 1,200.\n#### 1,200", GSM8K) == "1200"
-    assert extract_answer("#### 12 then #### 1200.0", GSM8K) == "1200"
-    assert extract_answer("no answer here", GSM8K) is None
-    assert exact_match(["... #### 6", "#### 7", "none"], ["#### 6", "#### 8", "#### 1"], GSM8K) == (
-        pytest.approx(1 / 3)
-    )
-    with pytest.raises(ValueError, match="finds no answer in reference"):
-        exact_match(["#### 6"], ["six"], GSM8K)
-
-
 def test_examples_read_chat_and_prompt_rows(tmp_path, model_and_tokenizer):
     _, tokenizer = model_and_tokenizer
     path = write_jsonl(
@@ -123,10 +111,8 @@ def test_speciality_by_loss_is_the_nll_of_the_reference_answers(tmp_path, model_
     assert match == 0.0  # a random model writes no "#### 6"
 
 
-def test_lm_eval_local_task_is_scored_by_lm_evals_own_runner(tmp_path, model_and_tokenizer):
-    """A model with a zeroed output layer finds every token equally likely, so in a multiple
-    choice task it picks the choice with the fewest tokens: here right twice out of three."""
-    model, tokenizer = model_and_tokenizer
+def write_tiny_task(tmp_path) -> str:
+    """A local multiple-choice task `tiny_general` of three questions; returns its directory."""
     rows = [
         {
             "question": "The capital of France is",
@@ -148,7 +134,31 @@ def test_lm_eval_local_task_is_scored_by_lm_evals_own_runner(tmp_path, model_and
         'doc_to_target: "{{answer}}"\n'
         "metric_list: [{metric: acc, aggregation: mean, higher_is_better: true}]\n"
     )
+    return str(tmp_path)
+
+
+def uniform_copy(model):
+    """A model with a zeroed output layer: every token equally likely, so in a multiple choice
+    task it picks the choice with the fewest tokens (here right on the first two of three)."""
     uniform = copy.deepcopy(model)
     torch.nn.init.zeros_(uniform.lm_head.weight)
-    scores = lm_eval_scores(uniform, tokenizer, ["tiny_general"], str(tmp_path), None, 2)
+    return uniform
+
+
+def test_lm_eval_local_task_is_scored_by_lm_evals_own_runner(tmp_path, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    include = write_tiny_task(tmp_path)
+    scores = lm_eval_scores(uniform_copy(model), tokenizer, ["tiny_general"], include, None, 2)
     assert scores == {"tiny_general": pytest.approx(2 / 3)}
+
+
+def test_lm_eval_results_keep_each_documents_score_and_the_standard_error(
+    tmp_path, model_and_tokenizer
+):
+    model, tokenizer = model_and_tokenizer
+    include = write_tiny_task(tmp_path)
+    result = lm_eval_results(uniform_copy(model), tokenizer, ["tiny_general"], include, None, 2)
+    task = result["tiny_general"]
+    assert task.items == [1.0, 1.0, 0.0]
+    # the sample standard deviation of (1, 1, 0) over sqrt(3): sqrt(1/3) / sqrt(3)
+    assert task.stderr == pytest.approx(1 / 3)

@@ -91,6 +91,12 @@ def load_recipe(recipe: Path, workdir: Path) -> tuple[dict, DictDefault]:
         # Written by `axolotl cofitune-search`; here, the paper's selection stands in for it.
         (workdir / from_search).mkdir(parents=True, exist_ok=True)
         (workdir / from_search / CHOSEN_FILE).write_text("layers: 25%-50%\nmodules: ffn\n")
+    search = (raw.get("cofitune") or {}).get("search")
+    if search and "report" in raw["cofitune"]:
+        # The report's data (the search's here), which register checks exists.
+        for data in (search["speciality"]["data"], search["versatility"]["prompts"]):
+            (workdir / data).parent.mkdir(parents=True, exist_ok=True)
+            (workdir / data).touch()
     cfg = load_cfg(str(recipe), base_model=str(model_dir), is_preprocess=True)
     if raw.get("deepspeed"):
         assert isinstance(cfg.deepspeed, dict), f"{raw['deepspeed']} did not load"
@@ -145,6 +151,25 @@ def test_the_qlora_recipe_loads_in_4bit_for_one_24gb_gpu(workdir: Path):
     assert cfg.bf16 and cfg.gradient_checkpointing
 
 
+SHARDED_WITH_SOFT_MASKS = (
+    "cofitune-7b.yml",  # ZeRO-2
+    "cofitune-13b.yml",  # ZeRO-3, the paper's setting
+    "cofitune-qwen2.5-7b.yml",  # ZeRO-3
+    "cofitune-llama3.1-8b-fsdp2.yml",
+)
+
+
+@pytest.mark.parametrize("name", SHARDED_WITH_SOFT_MASKS)
+def test_the_sharded_recipes_train_the_fine_level(name: str, workdir: Path):
+    """Soft masks run under FSDP2 and DeepSpeed ZeRO-2/3 (tests/test_sharded.py), so the
+    sharded recipes carry them, and Axolotl's config loading keeps the block."""
+    raw, cfg = load_recipe(REPO / "recipes" / name, workdir)
+    assert raw.get("deepspeed") or raw.get("fsdp_version") == 2
+    assert cfg.cofitune["soft_mask"]["importance"] == raw["cofitune"]["soft_mask"]["importance"]
+    header = (REPO / "recipes" / name).read_text().split("base_model:")[0]
+    assert f"axolotl cofitune-importance recipes/{name}" in header
+
+
 def test_every_recipe_names_its_command_and_hardware():
     for recipe in RECIPES:
         header = recipe.read_text().split("base_model:")[0]
@@ -158,11 +183,6 @@ BREAKAGES = {
         ZERO3,
         {"deepspeed": "recipes/deepspeed/zero9.json"},
         "an existing deepspeed config",
-    ),
-    "soft mask under DeepSpeed": (
-        ZERO3,
-        {"cofitune": {"soft_mask": {"importance": "./importance/llama2-13b"}}},
-        "cofitune.soft_mask: not supported under DeepSpeed",
     ),
     "window out of range": (DDP, {"cofitune": {"layers": "25%-150%"}}, "cofitune.layers"),
     # Axolotl's own validator, which fires because the plugin set `unfrozen_parameters`.

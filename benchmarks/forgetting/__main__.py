@@ -34,7 +34,8 @@ BASE_RECIPE = REPO / "recipes" / "cofitune-smollm2.yml"
 RECORDS = ("importance", "search", BASE_FILE, RUNS_FILE)  # what a plan's run leaves in --work
 
 # What each budget trains and evaluates. `cpu` fits a 2-core CPU in under two hours; `gpu` is
-# DESIGN.md's H100 setting (300 steps of batch 8 at lr 2e-4 make full fine-tuning forget).
+# the H100 setting of docs/design.md §5 (300 steps of batch 8 at lr 2e-4: full fine-tuning
+# forgets).
 BUDGETS = {
     "cpu": {
         "training": "20 steps of batch 2, cosine schedule, AdamW, float32",

@@ -1,0 +1,18 @@
+"""TEST HARNESS ONLY: lets `axolotl train` launch FSDP2 and DeepSpeed ZeRO on CPU processes.
+
+Python imports `sitecustomize` at start-up from PYTHONPATH; the sharded-launcher tests put this
+directory there for their `axolotl` subprocesses, and nothing else does: the plugin never imports
+it, so a GPU user's run is untouched. It acts only in a rank process of a multi-process launch
+(WORLD_SIZE > 1) running Axolotl (`python -m axolotl...`; not in their helper processes, such as
+the data set's worker pool) on a machine without an accelerator. What it changes, and why, is in
+`cpu_sharded_shims.py`.
+"""
+
+import os
+import sys
+
+_module = sys.orig_argv[sys.orig_argv.index("-m") + 1] if "-m" in sys.orig_argv else ""
+if int(os.environ.get("WORLD_SIZE", "1")) > 1 and _module.startswith("axolotl."):
+    import cpu_sharded_shims
+
+    cpu_sharded_shims.install()

@@ -1,0 +1,190 @@
+"""Soft masks under FSDP2 and DeepSpeed ZeRO-2/3: `axolotl train` on 2 CPU processes over gloo
+trains what one process trains.
+
+The CPU launch of FSDP2 and DeepSpeed needs shims of accelerate/Axolotl internals; they live in
+tests/harness (a `sitecustomize` put on these subprocesses' PYTHONPATH), never in the plugin.
+As in tests/test_launchers.py: plain SGD, equal-length texts, and the same global batch (2
+processes of micro batch 1 against one of micro batch 2), here with gradient accumulation 2 and
+gradient clipping that bites. Under SGD, `update` and `gradient` masks give the same step when
+nothing is clipped; with clipping they differ (clipping sees the masked gradient only in
+`gradient` mode), so each mode has its own one-process reference.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from filelock import FileLock
+from safetensors.torch import load_file
+from test_launchers import SELECTED, free_port
+
+from conftest import recipe, run_axolotl, soft_mask_block, write_equal_length_dataset, write_recipe
+
+HARNESS = Path(__file__).parent / "harness"
+ZERO_CONFIG = {
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+}
+ENGINES = {
+    "fsdp2": {
+        "fsdp_version": 2,
+        "fsdp_config": {
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+            "reshard_after_forward": True,
+            "state_dict_type": "FULL_STATE_DICT",
+        },
+    },
+    "zero2": {"zero_stage": 2},
+    "zero3": {"zero_stage": 3},
+}
+# Tight enough to scale every step down in both modes (unclipped norms are 0.09 to 0.85 here), so
+# a rank that clipped by its own shard's norm instead of the global one would end elsewhere.
+MAX_GRAD_NORM = 0.05
+
+
+def train(run_dir: Path, model_dir: Path, importance: Path, apply_to: str, engine: str | None):
+    """Two SGD steps of global batch 4 (accumulation 2); one process when `engine` is None."""
+    run_dir.mkdir()
+    processes = 1 if engine is None else 2
+    settings = dict(ENGINES.get(engine, {}))
+    if stage := settings.pop("zero_stage", None):
+        # ZeRO-3 saves the model only if asked to gather the partitions for it
+        zero = {"stage": stage, "gather_16bit_weights_on_model_save": True}
+        config = {**ZERO_CONFIG, "zero_optimization": zero}
+        (run_dir / "zero.json").write_text(json.dumps(config))
+        settings["deepspeed"] = str(run_dir / "zero.json")
+    cfg = recipe(
+        run_dir,
+        model_dir,
+        cofitune=soft_mask_block(importance, apply_to),
+        micro_batch_size=2 // processes,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        optimizer="sgd",
+        learning_rate=10.0,
+        weight_decay=0.0,
+        max_grad_norm=MAX_GRAD_NORM,
+        # Axolotl maps each rank's model to accelerator LOCAL_RANK; this keeps it on the CPU
+        max_memory={"cpu": "64GiB"},
+        **settings,
+    )
+    write_equal_length_dataset(Path(cfg["datasets"][0]["path"]), model_dir)
+    args = ()
+    if processes > 1:
+        args = (
+            "--",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(free_port()),
+        )
+    result = run_axolotl(
+        "train", str(write_recipe(run_dir, cfg)), *args, cwd=run_dir, env=harness_env()
+    )
+    assert result.returncode == 0, result.stderr[-6000:]
+    return run_dir / "out", result.stdout + result.stderr
+
+
+def harness_env() -> dict[str, str]:
+    """The subprocess environment with the CPU launch shims (tests/harness) on PYTHONPATH."""
+    path = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": f"{HARNESS}{os.pathsep}{path}" if path else str(HARNESS)}
+
+
+# What the plugin logs once the engine has sharded the model: proof that it did.
+ENGINE_LOG = {
+    "fsdp2": "soft masks bound to this rank's FSDP2 shards",
+    "zero2": "soft masks bound to this rank's DeepSpeed ZeRO-2 partitions",
+    "zero3": "soft masks bound to this rank's DeepSpeed ZeRO-3 partitions",
+}
+MODES = ("update", "gradient")
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_models, llama_importance) -> dict[str, dict]:
+    """Final weights of a one-process run per mask mode, the reference for every engine. The
+    engines' tests may run on several pytest-xdist workers: the first to get here trains the
+    references into the session's shared temp dir, under a file lock, and the others read them
+    (the xdist documentation's recipe for a fixture computed once)."""
+    shared = tmp_path_factory.getbasetemp().parent / "sharded-one-process"
+    shared.mkdir(exist_ok=True)
+    with FileLock(shared / "lock"):
+        for mode in MODES:
+            if not (shared / mode / "out" / "model.safetensors").exists():
+                shutil.rmtree(shared / mode, ignore_errors=True)
+                train(shared / mode, tiny_models["llama"], llama_importance, mode, None)
+    return {mode: load_file(shared / mode / "out" / "model.safetensors") for mode in MODES}
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_soft_masks_on_two_cpu_processes_match_one_process(
+    engine, tmp_path, tiny_models, llama_importance, one_process
+):
+    """For fsdp2, zero2 and zero3, in both mask modes: only the selection changes, and the
+    weights are the one-process run's within 1e-6 of the step, its largest element (a lone
+    process, an unmasked or a wrongly sliced mask, or a wrongly clipped step is off by a
+    sizeable fraction of it). The steps of heavily masked heads are 1e-3 of that: measured
+    against their own size, float32 weights cannot resolve 1e-6 of them (measured: 1-2 ulp of
+    the weights, up to 3e-5 of the smallest tensor's step)."""
+    base = load_file(tiny_models["llama"] / "model.safetensors")
+    for mode in MODES:
+        out, log = train(tmp_path / mode, tiny_models["llama"], llama_importance, mode, engine)
+        assert ENGINE_LOG[engine] in log, log[-3000:]
+        after = load_file(out / "model.safetensors")
+        assert after.keys() == base.keys()
+        assert {n for n in base if not torch.equal(base[n], after[n])} == SELECTED, mode
+        expected = {n: one_process[mode][n] - base[n] for n in SELECTED}
+        scale = max(step.abs().max().item() for step in expected.values())
+        for name in sorted(SELECTED):
+            assert expected[name].abs().max() > 0, name
+            error = (after[name] - base[name] - expected[name]).abs().max().item()
+            assert error <= 1e-6 * scale, f"{engine} {mode} {name}: {error / scale:.1e} of the step"
+
+
+def test_flat_rows_pairs_every_element_of_a_partition_with_its_rows_factor():
+    """A ZeRO partition is a flat slice that may start and end mid-row, and the last one is
+    padded: every element in it, and only those of the parameter, get their own row's factor."""
+    from cofitune_plugin.sharded import flat_rows
+
+    shape = torch.Size([5, 4])
+    factor = torch.arange(1.0, 6.0)
+    for start in range(0, 20):
+        for length in (1, 3, 4, 7, 13):
+            values = torch.zeros(length)
+            for view, rows in flat_rows(values, start, shape, factor):
+                view += rows[:, None]  # a view: writes land in `values`
+            covered = torch.arange(start, start + length)
+            expected = torch.where(covered < 20, factor[covered.clamp(max=19) // 4], 0.0)
+            assert torch.equal(values, expected), (start, length)
+
+
+def test_zero3_recipe_importance_is_the_one_process_artifact(
+    tmp_path, tiny_models, llama_importance
+):
+    """`axolotl cofitune-importance` on a ZeRO-3 recipe loads the model whole (a partitioned one
+    has no engine to gather it for the importance passes) and writes what the same recipe
+    without DeepSpeed writes: the manifest that training under ZeRO-3 checks it against."""
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text(json.dumps({**ZERO_CONFIG, "zero_optimization": {"stage": 3}}))
+    importance = tmp_path / "importance"
+    cfg = recipe(
+        tmp_path,
+        tiny_models["llama"],
+        cofitune=soft_mask_block(importance),
+        deepspeed=str(zero3),
+    )
+    result = run_axolotl(
+        "cofitune-importance", str(write_recipe(tmp_path, cfg)), "--max-batches", "2", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    written = json.loads((importance / "manifest.json").read_text())
+    reference = json.loads((llama_importance / "manifest.json").read_text())
+    for field in ("fingerprint", "model_type", "num_layers", "n_heads", "d_ff", "d_model"):
+        assert written[field] == reference[field], field
