@@ -4,7 +4,8 @@
   model's general ability relies on;
 - `axolotl cofitune-search`: the coarse level's tree search over layer windows x module sets;
 - `axolotl cofitune-report`: the before/after forgetting report of a trained output directory;
-- `axolotl cofitune-dial`: the models between the base and the tuned one, scored or written.
+- `axolotl cofitune-dial`: the models between the base and the tuned one, scored or written;
+- `axolotl cofitune-plan`: the memory a recipe needs per GPU, by role, before renting GPUs.
 """
 
 import itertools
@@ -542,3 +543,36 @@ def _check_report_recipe(config: str) -> None:
         )
     if recipe.report is None:  # check_recipe checks a `report` block; the search may stand in
         eval_settings(recipe)
+
+
+@click.command("cofitune-plan")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--gpus", type=int, default=1, show_default=True, help="GPUs the run uses.")
+@click.option("--gpu-memory", type=float, default=None, help="GiB per GPU: says if it fits.")
+@click.option(
+    "--model-config",
+    type=click.Path(exists=True),
+    default=None,
+    help="A config.json (or its directory) standing in for base_model, e.g. offline.",
+)
+def plan(config: str, gpus: int, gpu_memory: float | None, model_config: str | None) -> None:
+    """Estimate CONFIG's memory per GPU by role (weights, gradients, fp32 master, Adam moments,
+    update-mask copy, activations) under its launcher on GPUS GPUs. No weights are loaded."""
+    from cofitune_plugin.args import RecipeError, check_recipe
+    from cofitune_plugin.memory_plan import describe_plan
+    from cofitune_plugin.plugin import meta_model_of, select
+    from cofitune_plugin.search import read_chosen
+
+    raw = yaml.safe_load(Path(config).read_text())
+    recipe = check_recipe(raw)
+    if recipe is None:
+        raise RecipeError(f"{config}: `cofitune-plan` needs a `cofitune:` block")
+    if recipe.from_search:
+        recipe = recipe.model_copy(
+            update={**read_chosen(Path(recipe.from_search)), "from_search": None}
+        )
+    if model_config:
+        raw["base_model_config"] = model_config
+    hf_config, meta_model = meta_model_of(raw)
+    selection = select(hf_config, meta_model, recipe)
+    click.echo(describe_plan(raw, meta_model, selection, gpus, gpu_memory))

@@ -47,6 +47,7 @@ from cofitune_plugin.args import (
     check_recipe,
 )
 from cofitune_plugin.cpu_ddp import enable_cpu_ddp
+from cofitune_plugin.cpu_threads import use_every_core
 from cofitune_plugin.importance import MANIFEST_FILE, load_importance, model_manifest
 from cofitune_plugin.lora import lora_b_masks, lora_parameters, target_modules_regex
 from cofitune_plugin.search import read_chosen
@@ -71,6 +72,13 @@ class CoFiTunePlugin(BasePlugin):
         return [AdapterCapabilities(name=ADAPTER, lora_like=False, relora=False)]
 
     def register(self, cfg: dict) -> None:
+        if threads := use_every_core():
+            LOG.info(
+                "cofitune: no accelerator: %d CPU threads per process, in place of the "
+                "launcher's OMP_NUM_THREADS=%s (export it to choose)",
+                threads,
+                os.environ["OMP_NUM_THREADS"],
+            )
         config = check_recipe(cfg)
         if config is None:
             return

@@ -192,15 +192,21 @@ def write_recipe(tmp_path: Path, cfg: dict) -> Path:
 
 
 def run_axolotl(
-    *args: str, cwd: Path, env: dict[str, str] | None = None
+    *args: str, cwd: Path, env: dict[str, str | None] | None = None
 ) -> subprocess.CompletedProcess:
-    """Run the real `axolotl` CLI of this environment in a subprocess (`env`: extra variables)."""
+    """Run the real `axolotl` CLI of this environment in a subprocess (`env`: extra variables;
+    None removes one).
+
+    OMP_NUM_THREADS=1 is exported as a user's choice, which the plugin keeps (tiny models run
+    fastest on one thread, and the test workers share the cores); `env={"OMP_NUM_THREADS":
+    None}` exports none, so the plugin gives the trainer every core."""
     bin_dir = Path(sys.executable).parent  # `axolotl train` execs `accelerate` from PATH
     path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    variables = {**os.environ, **OFFLINE_ENV, "PATH": path, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
         [str(bin_dir / "axolotl"), *args],
         cwd=cwd,
-        env={**os.environ, **OFFLINE_ENV, "PATH": path, **(env or {})},
+        env={key: value for key, value in variables.items() if value is not None},
         capture_output=True,
         text=True,
         timeout=900,
