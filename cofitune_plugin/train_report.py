@@ -17,7 +17,6 @@ when that matches the base and the settings and holds everything the report need
 """
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,22 +24,14 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
-from cofitune_plugin.args import EvalSettings, SearchWeights
+from cofitune_plugin.args import SearchWeights
 from cofitune_plugin.dial import Dial
-from cofitune_plugin.evaluation import (
-    TaskResult,
-    answer_scores,
-    greedy_generate,
-    lm_eval_results,
-    read_examples,
-    speciality,
-    speciality_hits,
-)
 from cofitune_plugin.importance import model_fingerprint
 from cofitune_plugin.jsonl import append_record, read_records
 from cofitune_plugin.report import dial_plot
+from cofitune_plugin.scoring import Evaluator, ModelEval
 from cofitune_plugin.search import (
     BASE_FILE,
     HEADER_FILE,
@@ -64,23 +55,6 @@ class ReportError(ValueError):
 
 
 @dataclass
-class ModelEval:
-    """One model's scores on both axes, with the per-item results flips are read from."""
-
-    speciality: float
-    retention_nll: float
-    agreement: float
-    reproduced: list[bool]
-    speciality_hits: list[bool] | None = None
-    tasks: dict[str, TaskResult] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, row: dict[str, Any]) -> "ModelEval":
-        tasks = {name: TaskResult(**task) for name, task in row.pop("tasks").items()}
-        return cls(**row, tasks=tasks)
-
-
-@dataclass
 class BaseEval:
     """The base model's scores, its greedy answers (what retention is measured against), the
     fingerprint of its weights and the settings it was scored under."""
@@ -94,78 +68,6 @@ class BaseEval:
     @classmethod
     def from_dict(cls, row: dict[str, Any]) -> "BaseEval":
         return cls(**{**row, "scores": ModelEval.from_dict(row["scores"])})
-
-
-class Evaluator:
-    """Reads the report's data once and scores models on it."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, settings: EvalSettings) -> None:
-        self.tokenizer, self.settings = tokenizer, settings
-        spec, vers = settings.speciality, settings.versatility
-        self.special = read_examples(spec.data, tokenizer, spec.limit)
-        self.general = read_examples(vers.prompts, tokenizer, vers.limit)
-
-    def base_answers(self, model: PreTrainedModel) -> list[list[int]]:
-        return greedy_generate(
-            model,
-            self.tokenizer,
-            [e.prompt_ids for e in self.general],
-            self.settings.versatility.max_new_tokens,
-            self.settings.eval_batch_size,
-            desc="base answers",
-        )
-
-    def evaluate(self, model: PreTrainedModel, answers: list[list[int]]) -> ModelEval:
-        spec, batch = self.settings.speciality, self.settings.eval_batch_size
-        hits = None
-        if spec.metric == "exact_match":
-            hits = speciality_hits(
-                model, self.tokenizer, self.special, spec.answer_regex, spec.max_new_tokens, batch
-            )
-            special = sum(hits) / len(hits)
-        else:
-            special = speciality(
-                model, self.tokenizer, self.special, "loss", spec.answer_regex, 1, batch
-            )
-        scores = answer_scores(
-            model,
-            [e.prompt_ids for e in self.general],
-            answers,
-            self.tokenizer.pad_token_id,
-            batch,
-            desc="versatility",
-        )
-        tokens = sum(s.tokens for s in scores)
-        lm_eval = self.settings.versatility.lm_eval
-        tasks = (
-            lm_eval_results(
-                model, self.tokenizer, lm_eval.tasks, lm_eval.include_path, lm_eval.limit, batch
-            )
-            if lm_eval
-            else {}
-        )
-        return ModelEval(
-            speciality=special,
-            retention_nll=sum(s.nll for s in scores) / tokens,
-            agreement=sum(s.agree for s in scores) / tokens,
-            reproduced=[s.reproduced for s in scores],
-            speciality_hits=hits,
-            tasks=tasks,
-        )
-
-    def prompt_text(self, axis: str, index: int) -> str:
-        """The prompt of item `index` of `axis` ("speciality" or "versatility"), without what
-        all its prompts share (a chat template's system prompt and role names), shortened."""
-        examples = self.special if axis == "speciality" else self.general
-        texts = [
-            " ".join(self.tokenizer.decode(e.prompt_ids, skip_special_tokens=True).split())
-            for e in examples
-        ]
-        if len(texts) > 1:
-            head = len(os.path.commonprefix(texts))
-            tail = len(os.path.commonprefix([t[::-1] for t in texts]))
-            texts = [t[head : len(t) - tail] or t for t in texts]
-        return texts[index].strip()[:120]
 
 
 @dataclass
@@ -272,12 +174,8 @@ def as_base_record(base: BaseEval) -> BaseRecord:
         seconds=0.0,
         fingerprint=base.fingerprint,
         answers=base.answers,
-        tasks=_task_scores(base.scores),
+        tasks=base.scores.task_scores(),
     )
-
-
-def _task_scores(scores: ModelEval) -> dict[str, float]:
-    return {task: result.score for task, result in scores.tasks.items()}
 
 
 def _change(before: float, after: float) -> dict[str, float]:
@@ -297,7 +195,7 @@ def compare(base: BaseEval, tuned: ModelEval, evaluator: Evaluator) -> dict[str,
     the items that flipped."""
     metric = evaluator.settings.speciality.metric
     trial = as_trial(
-        "tuned", tuned.speciality, tuned.retention_nll, tuned.agreement, _task_scores(tuned)
+        "tuned", tuned.speciality, tuned.retention_nll, tuned.agreement, tuned.task_scores()
     )
     vers = score_trials([trial], as_base_record(base), metric, SearchWeights())["tuned"].versatility
     before = base.scores
@@ -482,7 +380,7 @@ def dial_curve(trained: Trained, grid: list[float]) -> tuple[BaseEval, list[Dial
             retention_nll=scores.retention_nll,
             agreement=scores.agreement,
             seconds=time.perf_counter() - start,
-            tasks=_task_scores(scores),
+            tasks=scores.task_scores(),
         )
         append_record(path, asdict(point))
         done[alpha] = point

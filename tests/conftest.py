@@ -1,5 +1,6 @@
 """Tiny models, tokenizers, data and recipes built in temp dirs: no test reaches a network."""
 
+import inspect
 import json
 import os
 import subprocess
@@ -306,3 +307,16 @@ def masked_and_plain_step(
         assert result.returncode == 0, result.stderr[-4000:]
         outputs[masked] = run_dir / "out"
     return outputs
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Put in the `axolotl` tier every test that launches `axolotl` through `run_axolotl` or
+    the `llama_importance` fixture, marked explicitly or not (tests that train through Axolotl
+    in process carry `@pytest.mark.axolotl` themselves)."""
+    for item in items:
+        function = getattr(item, "function", None)
+        launches = "llama_importance" in getattr(item, "fixturenames", ()) or (
+            function is not None and "run_axolotl(" in inspect.getsource(function)
+        )
+        if launches and item.get_closest_marker("axolotl") is None:
+            item.add_marker(pytest.mark.axolotl)

@@ -34,6 +34,7 @@ from conftest import (
 )
 
 
+@pytest.mark.axolotl
 def test_importance_command_writes_tensors_and_manifest(llama_importance):
     tensors = load_file(llama_importance / "importance.safetensors")
     assert {k: tuple(v.shape) for k, v in tensors.items()} == {
@@ -65,6 +66,7 @@ def test_importance_command_needs_a_soft_mask_block(tmp_path, tiny_models):
         importance_command.main([str(write_recipe(tmp_path, cfg))], standalone_mode=False)
 
 
+@pytest.mark.axolotl
 def test_search_killed_midway_resumes_and_train_uses_the_winner(tmp_path, tiny_models):
     """The default tree on a tiny llama: a real SIGKILL after the first finished trial, a
     restart that runs only the rest, then `axolotl train` on the chosen selection."""
@@ -232,6 +234,7 @@ def memorised_llama(directory: Path, source: Path, prompt: str, answer: str) -> 
     return directory
 
 
+@pytest.mark.axolotl
 def test_a_search_scores_bare_answers_and_states_the_paper_default(tmp_path, tiny_models, capsys):
     """The base answers " #### 6" to every held-out question, so of the references "6",
     " 6.0 ", a worked solution ending "#### 6", and "7", three are hits; a trial at a negligible

@@ -76,6 +76,7 @@ def test_fused_moe_experts_are_refused():
         target_modules_regex(_selection(model, model_type="qwen2_moe"), model)
 
 
+@pytest.mark.axolotl
 @pytest.mark.parametrize("adapter", ["cofitune-lora", "cofitune-qlora"])
 def test_axolotl_train_trains_only_the_adapters_of_the_selection(tmp_path, tiny_models, adapter):
     quantized = adapter == "cofitune-qlora"
@@ -127,6 +128,7 @@ def _initial_adapter(path: Path, model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(path / "adapter_model.safetensors")
 
 
+@pytest.mark.axolotl
 @pytest.mark.parametrize(
     ("apply_to", "optimizer"), [("update", "adamw_torch"), ("gradient", "sgd")]
 )
@@ -226,6 +228,7 @@ def test_lora_on_moe_experts_is_refused_at_config_time(tmp_path, tiny_models):
         _load(tmp_path, tiny_models["qwen2_moe"], adapter="cofitune-lora", **LORA)
 
 
+@pytest.mark.axolotl
 def test_lora_recipe_without_a_working_plugin_never_trains(tmp_path, tiny_models):
     # Neither LoRA name is registered with Axolotl (the plugin renames them in `register`), so
     # both meet the same refusal; QLoRA is the one worth the subprocess.

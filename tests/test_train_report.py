@@ -239,6 +239,7 @@ def test_the_dialled_directory_loads_and_differs_from_the_base_in_the_selection_
         write_dial(trained, [], 0.5, tmp_path / "half")
 
 
+@pytest.mark.axolotl
 def test_train_writes_the_report_once_and_the_commands_read_it(tmp_path, tiny_models):
     """One real `axolotl train` with a `report` block; then `cofitune-report` and
     `cofitune-dial` in this process on its output directory."""

@@ -1,27 +1,27 @@
 """One method's runs, in one process (so the process's peak memory is the method's).
 
 `python benchmarks/forgetting/runner.py WORK METHOD`, started by `python benchmarks/forgetting`.
-The model and tokenized data load once through Axolotl; each run sets what trains, builds
-Axolotl's trainer with `setup_trainer` (CoFiTune's runs also get the plugin's
+The runs go through the plugin's training session (`cofitune_plugin.session`): the model and
+tokenized data load once through Axolotl; each run sets what trains (a set of parameters or
+LoRA adapters), builds Axolotl's trainer (CoFiTune's runs also get the plugin's
 `post_trainer_create`: its selection check, report and soft masks), trains, is evaluated on both
 axes, and then the base weights come back from the checkpoint on disk. Every finished run is one
 fsynced line in WORK/runs.jsonl, so a stopped benchmark resumes where it stopped.
 """
 
-import gc
 import json
-import os
 import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from methods import Method, all_methods, trainable_names
 from scores import BASE_FILE, RUNS_FILE, best_learning_rate, read_runs
 
 from cofitune_plugin.evaluation import answer_nll, greedy_generate, read_examples, speciality
+from cofitune_plugin.jsonl import append_record
+from cofitune_plugin.session import Session, exact_patterns
 
 
 @dataclass
@@ -43,14 +43,11 @@ class Run:
     peak_rss_bytes: int
 
 
-class Session:
-    """The loaded model, data and evaluation sets of one method's process."""
+class MethodRuns:
+    """One method's runs on the product's training session (model, data and evaluation sets
+    loaded once)."""
 
     def __init__(self, work: Path, plan: dict, method: Method) -> None:
-        from axolotl.cli.config import load_cfg
-        from axolotl.common.datasets import load_datasets
-        from axolotl.train import setup_model_and_tokenizer
-
         from cofitune_plugin.search import read_chosen
 
         self.work, self.plan, self.method = work, plan, method
@@ -66,9 +63,8 @@ class Session:
                 "importance": str(work / "importance"),
                 "apply_to": method.soft_mask,
             }
-        self.cfg = load_cfg(str(work / "recipe.yml"), **overrides)
-        self.data = load_datasets(cfg=self.cfg)
-        self.model, self.tokenizer, _, self.processor = setup_model_and_tokenizer(self.cfg)
+        self.session = Session(work / "recipe.yml", **overrides)
+        self.tokenizer = self.session.tokenizer
         evaluation = plan["evaluation"]
         self.special = read_examples(
             evaluation["speciality_data"], self.tokenizer, evaluation["speciality_limit"]
@@ -81,109 +77,66 @@ class Session:
         evaluation = self.plan["evaluation"]
         prompts = [e.prompt_ids for e in self.general]
         answers = greedy_generate(
-            self.model,
+            self.session.model,
             self.tokenizer,
             prompts,
             evaluation["answer_tokens"],
             evaluation["batch_size"],
             desc="base answers",
         )
-        scores = self._evaluate(answers)
+        scores = self._evaluate(answers, self.session.model)
         return {**scores, "answers": answers}
 
     def train(self, learning_rate: float, seed: int) -> Run:
-        from axolotl.integrations.base import PluginManager
-        from axolotl.utils.dict import DictDefault
-        from axolotl.utils.trainer import setup_trainer
-        from peft import LoraConfig, get_peft_model
-        from transformers import set_seed
+        from peft import LoraConfig
 
         base = json.loads((self.work / BASE_FILE).read_text())
-        set_seed(seed)  # before the adapters are made: LoRA's A matrices are random
-        cfg = DictDefault(dict(self.cfg))
-        cfg.learning_rate, cfg.seed = learning_rate, seed
-        model = self.model
+        overrides: dict = {"learning_rate": learning_rate, "seed": seed}
         if self.method.kind == "lora":
-            model = get_peft_model(
-                self.model, LoraConfig(task_type="CAUSAL_LM", **self.method.lora)
-            )
-            cfg.adapter, cfg.cofitune, cfg.unfrozen_parameters = "lora", None, None
+            trainable = LoraConfig(task_type="CAUSAL_LM", **self.method.lora)
+            overrides |= {"adapter": "lora", "cofitune": None, "unfrozen_parameters": None}
         else:
-            names = set(self._trainable_names(seed))
-            for name, param in model.named_parameters():
-                param.requires_grad_(name in names)
+            trainable = exact_patterns(self._trainable_names(seed))
             if self.method.kind != "cofitune":
-                cfg.adapter, cfg.cofitune, cfg.unfrozen_parameters = None, None, None
-        trained = [name for name, p in self.model.named_parameters() if p.requires_grad]
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        trainer = setup_trainer(
-            cfg,
-            self.data.train_dataset,
-            self.data.eval_dataset,
-            model,
-            self.tokenizer,
-            self.processor,
-            self.data.total_num_steps,
-        )
-        if self.method.kind == "cofitune":
-            PluginManager.get_instance().post_trainer_create(cfg, trainer)
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        output = trainer.train()
-        peak_accelerator = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-        del trainer
-        gc.collect()
+                overrides |= {"adapter": None, "cofitune": None, "unfrozen_parameters": None}
 
-        scores = self._evaluate(base["answers"], model)
-        run = Run(
+        def evaluate(model) -> dict:
+            scores = self._evaluate(base["answers"], model)
+            return {
+                **scores,
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            }
+
+        # The base weights come back from the checkpoint on disk: no copy is held in memory,
+        # which would add a model's size to full fine-tuning's measured peak.
+        run = self.session.train(
+            trainable,
+            evaluate,
+            overrides,
+            plugin=self.method.kind == "cofitune",
+            restore="checkpoint",
+        )
+        return Run(
             method=self.method.name,
             learning_rate=learning_rate,
             seed=seed,
-            trainable=trainable,
-            **scores,
-            train_loss=output.training_loss,
-            step_seconds=output.metrics["train_runtime"] / output.global_step,
-            peak_accelerator_bytes=peak_accelerator,
-            peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            trainable=run.trainable,
+            train_loss=run.output.training_loss,
+            step_seconds=run.output.metrics["train_runtime"] / run.output.global_step,
+            peak_accelerator_bytes=run.peak_accelerator_bytes,
+            **run.evaluation,
         )
-        if self.method.kind == "lora":
-            self.model = model.unload()  # the base modules back, adapters dropped
-        else:
-            self._restore(trained)
-        return run
 
     def _trainable_names(self, seed: int) -> list[str]:
-        from cofitune_plugin.selection import select_parameters
-
+        model = self.session.model
         if self.method.kind == "full":
-            return [name for name, _ in self.model.named_parameters()]
+            return [name for name, _ in model.named_parameters()]
         if self.method.kind == "params":
-            return trainable_names(self.method, self.model, seed)
-        config = self.model.config.get_text_config()
-        block = self.cfg.cofitune
-        return list(
-            select_parameters(
-                self.model, config.model_type, config.num_hidden_layers, block.layers, block.modules
-            ).parameters
-        )
+            return trainable_names(self.method, model, seed)
+        block = self.session.cfg.cofitune
+        return list(self.session.select(block.layers, block.modules).parameters)
 
-    @torch.no_grad()
-    def _restore(self, names: list[str]) -> None:
-        """Copy the trained parameters back from the checkpoint (no copy is held in memory,
-        which would add a model's size to full fine-tuning's measured peak)."""
-        from safetensors import safe_open
-
-        wanted = set(names)
-        for path in sorted(Path(self.cfg.base_model).glob("*.safetensors")):
-            with safe_open(str(path), "pt") as checkpoint:
-                for name in wanted.intersection(checkpoint.keys()):
-                    self.model.get_parameter(name).copy_(checkpoint.get_tensor(name))
-                    wanted.discard(name)
-        if wanted:
-            raise RuntimeError(f"not in the checkpoint, cannot restore: {sorted(wanted)[:5]}")
-
-    def _evaluate(self, base_answers: list[list[int]], model=None) -> dict:
-        model = self.model if model is None else model
+    def _evaluate(self, base_answers: list[list[int]], model) -> dict:
         evaluation = self.plan["evaluation"]
         start = time.perf_counter()
         exact = speciality(
@@ -215,36 +168,29 @@ class Session:
         }
 
 
-def append_run(work: Path, run: Run) -> None:
-    with open(work / RUNS_FILE, "a") as f:
-        f.write(json.dumps(asdict(run)) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def main(work: Path, name: str) -> None:
     plan = json.loads((work / "plan.json").read_text())
     method = {m.name: m for m in all_methods(**plan["learning_rates"])}[name]
     seeds = plan["seeds"]
-    session = None
+    runs = None
 
     if method.kind == "base":
         if not (work / BASE_FILE).exists():
-            session = Session(work, plan, method)
-            base = session.measure_base()
+            runs = MethodRuns(work, plan, method)
+            base = runs.measure_base()
             (work / BASE_FILE).write_text(json.dumps(base))
         return
 
     def run_missing(pairs: list[tuple[float, int]]) -> None:
-        nonlocal session
+        nonlocal runs
         for lr, seed in pairs:
             done = {(r["learning_rate"], r["seed"]) for r in read_runs(work, name)}
             if (lr, seed) in done:
                 continue
-            session = session or Session(work, plan, method)
+            runs = runs or MethodRuns(work, plan, method)
             print(f"[{name}] lr {lr:g}, seed {seed}", flush=True)
-            run = session.train(lr, seed)
-            append_run(work, run)
+            run = runs.train(lr, seed)
+            append_record(work / RUNS_FILE, asdict(run))
             print(f"[{name}] {asdict(run)}", flush=True)
 
     # The sweep on the first seed, then the other seeds at the rate with the best Uni.

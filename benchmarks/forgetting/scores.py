@@ -12,21 +12,16 @@
 import json
 from pathlib import Path
 
+from cofitune_plugin.jsonl import read_records
+
 RUNS_FILE = "runs.jsonl"
 BASE_FILE = "base.json"
 REFERENCE = "full"
 
 
 def read_runs(work: Path, method: str | None = None) -> list[dict]:
-    path = work / RUNS_FILE
-    if not path.exists():
-        return []
-    runs = []
-    for line in path.read_text().splitlines():
-        try:
-            runs.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a crash: that run is redone
-            continue
+    """The finished runs (of `method`); a line cut by a crash is dropped and that run redone."""
+    runs = read_records(work / RUNS_FILE, dict)
     return [r for r in runs if method is None or r["method"] == method]
 
 

@@ -1,0 +1,52 @@
+"""The training session: runs one after another on one loaded model, each training exactly what
+it names and leaving the base weights as they were."""
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from cofitune_plugin.session import Session, exact_patterns
+from conftest import recipe, write_recipe
+
+pytestmark = pytest.mark.axolotl
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory, tiny_models, one_thread) -> Session:
+    tmp_path = tmp_path_factory.mktemp("session")
+    cfg = recipe(tmp_path, tiny_models["llama"], max_steps=2)
+    return Session(write_recipe(tmp_path, cfg), save_strategy="no")
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("restore", ["memory", "checkpoint"])
+def test_a_selection_trains_then_the_base_weights_come_back(session, restore):
+    base = _weights(session.model)
+    names = list(session.select("25%-50%", "ffn").parameters)
+
+    def changed(model) -> set[str]:
+        return {n for n, p in model.named_parameters() if not torch.equal(p, base[n])}
+
+    run = session.train(exact_patterns(names), changed, {"learning_rate": 1e-2}, restore=restore)
+
+    assert run.evaluation == set(names)  # evaluated on the trained weights, only those trained
+    assert run.trainable == sum(base[n].numel() for n in names)
+    assert run.output.global_step == 2 and run.train_seconds > 0
+    assert all(torch.equal(p, base[n]) for n, p in session.model.named_parameters())
+
+
+def test_a_peft_run_trains_adapters_and_unloads_them(session):
+    base = _weights(session.model)
+    config = LoraConfig(task_type="CAUSAL_LM", r=2, lora_alpha=4, target_modules="all-linear")
+
+    def adapters(model) -> int:
+        return sum(1 for n, _ in model.named_parameters() if "lora_" in n)
+
+    run = session.train(config, adapters, {"adapter": "lora", "cofitune": None, "seed": 1})
+
+    assert run.evaluation > 0
+    assert not any("lora_" in n for n, _ in session.model.named_parameters())
+    assert all(torch.equal(p, base[n]) for n, p in session.model.named_parameters())
