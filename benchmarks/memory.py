@@ -24,7 +24,7 @@ against the coarse selection's training step. The memory model (`cofitune_plugin
 is checked against each measured peak: predicted = the process's RSS before the model was built
 + the plan's roles (weights, gradients, moments, mask copy, activations, logits).
 
-    python benchmarks/memory.py                 # about 10-15 minutes on a 2-core CPU
+    python benchmarks/memory.py                 # about 4-5 minutes on an idle 2-core CPU
     python benchmarks/memory.py --steps 1 --warmup 0 --seq-len 32 --output /tmp/m.json  # smoke
 """
 
