@@ -16,7 +16,6 @@ are the gaps between the trainer's log lines after the first; CPU use is the CPU
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 import yaml
+from machine import describe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
         "recipe": str(args.recipe.relative_to(REPO)),
         "selection": raw["cofitune"],
         "steps": args.steps,
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+        "machine": describe(),
         "load_average_before_after": [load, os.getloadavg()],
         "runs": runs,
         "speedup": runs["launcher_one_thread"]["seconds_per_step"]

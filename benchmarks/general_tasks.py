@@ -16,14 +16,13 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
-import transformers
+from machine import describe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cofitune_plugin.evaluation import lm_eval_results, lm_eval_tasks
@@ -70,18 +69,6 @@ def score(metrics: dict[str, float], blind: dict[str, float]) -> dict:
     }
 
 
-def machine() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": sys.version.split()[0],
-    }
-
-
 def table(rows: dict[str, dict]) -> str:
     lines = [
         "| task | items | acc ± se | acc_norm ± se | chance | majority | margin (se) | kept |"
@@ -108,7 +95,7 @@ def write_row(output: Path, name: str, row: dict, args: argparse.Namespace) -> d
         batch_size=args.batch_size,
         keep_rule=f"max(acc, acc_norm) >= max(chance, majority) + {KEEP_MARGIN_SE} standard errors",
         drop=DROP,
-        machine=machine(),
+        machine=describe(),
     )
     record["tasks"][name] = row
     output.parent.mkdir(parents=True, exist_ok=True)

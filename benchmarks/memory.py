@@ -30,10 +30,8 @@ is checked against each measured peak: predicted = the process's RSS before the 
 
 import argparse
 import dataclasses
-import importlib.metadata
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -41,6 +39,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import describe
 
 from cofitune_plugin.memory_plan import GIB, ModelShape, Setup, model_shape, plan_memory
 
@@ -256,18 +255,6 @@ def method_shapes(model) -> dict[str, ModelShape]:
     }
 
 
-def machine() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": importlib.metadata.version("transformers"),
-        "peft": importlib.metadata.version("peft"),
-    }
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.worker:
@@ -320,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "memory",
         "command": " ".join(["python", "benchmarks/memory.py", *(argv or sys.argv[1:])]),
-        "machine": machine(),
+        "machine": describe(),
         "load_average_before_after": [load_before, os.getloadavg()],
         "minutes": (time.time() - started) / 60,
         "dtype": "float32",

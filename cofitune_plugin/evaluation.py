@@ -162,7 +162,11 @@ def answer_nll(
 ) -> tuple[float, float]:
     """(mean NLL per answer token, share of answer tokens that are the model's argmax), both
     over all answer tokens of all examples, under teacher forcing."""
-    scores = answer_scores(model, prompts, answers, pad_token_id, batch_size, desc)
+    return pooled(answer_scores(model, prompts, answers, pad_token_id, batch_size, desc))
+
+
+def pooled(scores: list[AnswerScore]) -> tuple[float, float]:
+    """(mean NLL per answer token, greedy agreement) over all answer tokens of `scores`."""
     tokens = sum(s.tokens for s in scores)
     return sum(s.nll for s in scores) / tokens, sum(s.agree for s in scores) / tokens
 

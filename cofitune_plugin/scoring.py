@@ -15,6 +15,7 @@ from cofitune_plugin.evaluation import (
     answer_scores,
     greedy_generate,
     lm_eval_results,
+    pooled,
     read_examples,
     speciality,
     speciality_hits,
@@ -81,7 +82,7 @@ class Evaluator:
             batch,
             desc="versatility",
         )
-        tokens = sum(s.tokens for s in scores)
+        retention_nll, agreement = pooled(scores)
         lm_eval = self.settings.versatility.lm_eval
         tasks = (
             lm_eval_results(
@@ -92,8 +93,8 @@ class Evaluator:
         )
         return ModelEval(
             speciality=special,
-            retention_nll=sum(s.nll for s in scores) / tokens,
-            agreement=sum(s.agree for s in scores) / tokens,
+            retention_nll=retention_nll,
+            agreement=agreement,
             reproduced=[s.reproduced for s in scores],
             speciality_hits=hits,
             tasks=tasks,
