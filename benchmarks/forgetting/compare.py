@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-DECIDING = ("speciality", "versatility", "heldout_nll", "exact_match", "agreement")
+DECIDING = ("spec", "vers_bench", "vers_retention", "exact_match", "heldout_nll", "agreement")
 INFORMATIVE = ("step_seconds",)
 EXACT = 1e-6
 
@@ -29,9 +29,8 @@ def compare(committed: dict, rerun: dict, names: tuple[str, str]) -> tuple[list[
     lines = [
         f"# Reproduction of the `{committed['plan']['budget']}` table",
         "",
-        f"Committed: `{names[0]}`, {committed['machine']['description']} "
-        f"({committed['machine']['date']}). Re-run: `{names[1]}`, "
-        f"{rerun['machine']['description']} ({rerun['machine']['date']}), `{rerun['command']}`. "
+        f"Committed: `{names[0]}` ({committed['date']}). Re-run: `{names[1]}` "
+        f"({rerun['date']}), `{rerun['command']}`. "
         "Within spread: |re-run mean - committed mean| <= the larger standard deviation over "
         "seeds. Step time is shown, not judged (it is machine load).",
         "",
@@ -39,8 +38,14 @@ def compare(committed: dict, rerun: dict, names: tuple[str, str]) -> tuple[list[
         "|---" * 6 + "|",
     ]
     reproduced = True
-    for name, row in committed["methods"].items():
-        other = rerun["methods"].get(name)
+    rerun_rows = {_key(row): row for row in rerun["rows"]}
+    for row in committed["rows"]:
+        name = " ".join(
+            f"{part:g}" if isinstance(part, float) else str(part)
+            for part in _key(row)
+            if part is not None
+        )
+        other = rerun_rows.get(_key(row))
         if other is None:
             lines.append(f"| {name} | | | missing | | no |")
             reproduced = False
@@ -58,6 +63,10 @@ def compare(committed: dict, rerun: dict, names: tuple[str, str]) -> tuple[list[
             )
     lines += ["", f"**Reproduced: {'yes' if reproduced else 'no'}.**"]
     return lines, reproduced
+
+
+def _key(row: dict) -> tuple:
+    return row["method"], row["learning_rate"], row["alpha"]
 
 
 def main() -> None:

@@ -28,11 +28,12 @@ LINEAR_TYPES = (
 
 @dataclass(frozen=True)
 class Method:
-    """One row of the benchmark's table.
+    """One method of the benchmark's table (one row per learning rate).
 
     `kind`: "base" (no training), "full", "lora", "params" (the names `trainable` returns) or
     "cofitune" (the plugin's selection `layers` x `modules`, with `soft_mask` None, "update" or
     "gradient"). `layers == "search"` takes the selection `axolotl cofitune-search` chose.
+    `default_recipe`: CoFiTune as the README tells a user to run it.
     """
 
     name: str
@@ -43,29 +44,34 @@ class Method:
     modules: str | None = None
     soft_mask: str | None = None
     lora: dict = field(default_factory=dict)
+    default_recipe: bool = False
 
 
-def all_methods(full_lrs: tuple[float, ...], lora_lrs: tuple[float, ...]) -> list[Method]:
+def all_methods(learning_rates: dict[str, list[float]]) -> list[Method]:
+    """The methods, each at its plan's rates: `learning_rates["full"]` (full fine-tuning's
+    frontier), `["lora"]`, and `["selection"]` (every method that trains a subset of the
+    weights: the layer freezing, Spectrum, HFT and CoFiTune)."""
+    full, lora, selection = (tuple(learning_rates[key]) for key in ("full", "lora", "selection"))
     cofitune = {
         "kind": "cofitune",
-        "learning_rates": full_lrs,
+        "learning_rates": selection,
         "layers": "25%-50%",
         "modules": "ffn",
     }
     return [
         Method("base", "base", description="the aligned model, not trained"),
-        Method("full", "full", full_lrs, "full fine-tuning"),
+        Method("full", "full", full, "full fine-tuning"),
         Method(
             "lora",
             "lora",
-            lora_lrs,
+            lora,
             "LoRA r=16, alpha=32, on all linear layers (PEFT `all-linear`)",
             lora={"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"},
         ),
-        Method("freeze", "params", full_lrs, "LLaMA-Factory freeze: the last 25% of layers"),
-        Method("spectrum", "params", full_lrs, "Spectrum: top 25% weight SNR per module type"),
-        Method("hft", "params", full_lrs, "HFT: a random half of each layer's matrices"),
-        Method("cofitune", description="CoFiTune coarse: ffn in 25%-50%", **cofitune),
+        Method("freeze", "params", selection, "LLaMA-Factory freeze: the last 25% of layers"),
+        Method("spectrum", "params", selection, "Spectrum: top 25% weight SNR per module type"),
+        Method("hft", "params", selection, "HFT: a random half of each layer's matrices"),
+        Method("cofitune", description="CoFiTune coarse: ffn in 25%-50%, no mask", **cofitune),
         Method(
             "cofitune+mask-update",
             description="CoFiTune coarse + soft mask (update)",
@@ -79,11 +85,14 @@ def all_methods(full_lrs: tuple[float, ...], lora_lrs: tuple[float, ...]) -> lis
             **cofitune,
         ),
         Method(
-            "cofitune-search",
+            "cofitune-default",
             "cofitune",
-            full_lrs,
-            "CoFiTune: the selection `axolotl cofitune-search` chose",
+            selection,
+            "CoFiTune as README runs it: the selection `axolotl cofitune-search` chose, "
+            "with the default soft mask (update)",
             layers="search",
+            soft_mask="update",
+            default_recipe=True,
         ),
     ]
 

@@ -5,8 +5,10 @@ The runs go through the plugin's training session (`cofitune_plugin.session`): t
 tokenized data load once through Axolotl; each run sets what trains (a set of parameters or
 LoRA adapters), builds Axolotl's trainer (CoFiTune's runs also get the plugin's
 `post_trainer_create`: its selection check, report and soft masks), trains, is evaluated on both
-axes, and then the base weights come back from the checkpoint on disk. Every finished run is one
-fsynced line in WORK/runs.jsonl, so a stopped benchmark resumes where it stopped.
+axes, and then the base weights come back from the checkpoint on disk. Full fine-tuning's run at
+the plan's WiSE-FT rate is also evaluated at base + a (tuned - base) for each of the plan's a
+(`cofitune_plugin.dial`, evaluation only). Every finished run is one fsynced line in
+WORK/runs.jsonl, so a stopped benchmark resumes where it stopped.
 """
 
 import json
@@ -17,11 +19,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from methods import Method, all_methods, trainable_names
-from scores import BASE_FILE, RUNS_FILE, best_learning_rate, read_runs
+from scores import BASE_FILE, RUNS_FILE, read_runs
 
-from cofitune_plugin.evaluation import answer_nll, greedy_generate, read_examples, speciality
+from cofitune_plugin.dial import Dial
+from cofitune_plugin.evaluation import (
+    answer_nll,
+    greedy_generate,
+    lm_eval_results,
+    read_examples,
+    speciality,
+)
 from cofitune_plugin.jsonl import append_record
-from cofitune_plugin.session import Session, exact_patterns
+from cofitune_plugin.session import Session, checkpoint_values, exact_patterns
 
 
 @dataclass
@@ -31,8 +40,10 @@ class Run:
     method: str
     learning_rate: float
     seed: int
+    alpha: float | None  # WiSE-FT's a: base + a (tuned - base); None for a trained model
     trainable: int
     exact_match: float
+    bench: dict[str, float]  # each general benchmark's accuracy (acc_norm)
     heldout_nll: float
     retention_nll: float
     agreement: float
@@ -87,7 +98,9 @@ class MethodRuns:
         scores = self._evaluate(answers, self.session.model)
         return {**scores, "answers": answers}
 
-    def train(self, learning_rate: float, seed: int) -> Run:
+    def train(self, learning_rate: float, seed: int) -> list[Run]:
+        """The trained model's run, and for full fine-tuning at the WiSE-FT rate the
+        interpolated points' runs."""
         from peft import LoraConfig
 
         base = json.loads((self.work / BASE_FILE).read_text())
@@ -109,6 +122,9 @@ class MethodRuns:
 
         # The base weights come back from the checkpoint on disk: no copy is held in memory,
         # which would add a model's size to full fine-tuning's measured peak.
+        wise = self.plan["wise_ft"]
+        if self.method.kind == "full" and learning_rate == wise["learning_rate"]:
+            evaluate = self._with_wise_ft(evaluate, wise["alphas"])
         run = self.session.train(
             trainable,
             evaluate,
@@ -116,16 +132,38 @@ class MethodRuns:
             plugin=self.method.kind == "cofitune",
             restore="checkpoint",
         )
-        return Run(
-            method=self.method.name,
-            learning_rate=learning_rate,
-            seed=seed,
-            trainable=run.trainable,
-            train_loss=run.output.training_loss,
-            step_seconds=run.output.metrics["train_runtime"] / run.output.global_step,
-            peak_accelerator_bytes=run.peak_accelerator_bytes,
-            **run.evaluation,
-        )
+        common = {
+            "method": self.method.name,
+            "learning_rate": learning_rate,
+            "seed": seed,
+            "trainable": run.trainable,
+            "train_loss": run.output.training_loss,
+            "step_seconds": run.output.metrics["train_runtime"] / run.output.global_step,
+            "peak_accelerator_bytes": run.peak_accelerator_bytes,
+        }
+        interpolated = run.evaluation.pop("wise_ft", {})
+        runs = [Run(alpha=None, **common, **run.evaluation)]
+        for alpha, scores in interpolated.items():
+            runs.append(Run(**{**common, "method": "wise-ft", "alpha": alpha, **scores}))
+        return runs
+
+    def _with_wise_ft(self, evaluate, alphas: list[float]):
+        """`evaluate`, then the same at each WiSE-FT point between the base and the tuned model
+        (the base's values read from its checkpoint; the tuned ones are back afterwards)."""
+
+        def evaluate_with_wise_ft(model) -> dict:
+            scores = evaluate(model)
+            names = [name for name, p in model.named_parameters() if p.requires_grad]
+            dial = Dial(model, checkpoint_values(self.session.cfg.base_model, names))
+            scores["wise_ft"] = {}
+            for alpha in alphas:
+                print(f"[{self.method.name}] WiSE-FT a = {alpha}", flush=True)
+                dial.set(alpha)
+                scores["wise_ft"][alpha] = evaluate(model)
+            dial.set(1.0)
+            return scores
+
+        return evaluate_with_wise_ft
 
     def _trainable_names(self, seed: int) -> list[str]:
         model = self.session.model
@@ -159,8 +197,14 @@ class MethodRuns:
             evaluation["batch_size"],
             desc="versatility",
         )
+        bench = {
+            task: lm_eval_results(model, self.tokenizer, [task], None, limit, batch)[task]
+            for task, limit in evaluation["bench"].items()
+            for batch in [evaluation["bench_batch_size"]]
+        }
         return {
             "exact_match": exact,
+            "bench": {task: result.metrics["acc_norm"] for task, result in bench.items()},
             "heldout_nll": heldout,
             "retention_nll": retention,
             "agreement": agreement,
@@ -170,8 +214,7 @@ class MethodRuns:
 
 def main(work: Path, name: str) -> None:
     plan = json.loads((work / "plan.json").read_text())
-    method = {m.name: m for m in all_methods(**plan["learning_rates"])}[name]
-    seeds = plan["seeds"]
+    method = {m.name: m for m in all_methods(plan["learning_rates"])}[name]
     runs = None
 
     if method.kind == "base":
@@ -189,14 +232,11 @@ def main(work: Path, name: str) -> None:
                 continue
             runs = runs or MethodRuns(work, plan, method)
             print(f"[{name}] lr {lr:g}, seed {seed}", flush=True)
-            run = runs.train(lr, seed)
-            append_record(work / RUNS_FILE, asdict(run))
-            print(f"[{name}] {asdict(run)}", flush=True)
+            for run in runs.train(lr, seed):
+                append_record(work / RUNS_FILE, asdict(run))
+                print(f"[{name}] {asdict(run)}", flush=True)
 
-    # The sweep on the first seed, then the other seeds at the rate with the best Uni.
-    run_missing([(lr, seeds[0]) for lr in method.learning_rates])
-    best = best_learning_rate(work, name)
-    run_missing([(best, seed) for seed in seeds[1:]])
+    run_missing([(lr, seed) for seed in plan["seeds"] for lr in method.learning_rates])
 
 
 if __name__ == "__main__":

@@ -1,15 +1,13 @@
 """The benchmark's scores, from its records alone (so they can be recomputed at any time).
 
-- Spec: the share of full fine-tuning's domain gain a method gets, (run - base) / (full - base),
-  on the plan's speciality metric: held-out exact match, or the held-out answers' NLL (lower is
-  better) where a short budget leaves exact match near the floor. Full fine-tuning's reference is
-  its best seed-0 run while sweeping and its reported mean in the table.
-- Vers: base NLL / run NLL of the base model's own greedy answers to general prompts (1.0: the
-  general behaviour is untouched).
-- Uni = (Spec + Vers) / 2, the paper's unified score.
+- spec: the share of full fine-tuning's gain in held-out exact match a run gets,
+  (run - base) / (reference - base), the reference being full fine-tuning's best rate.
+- vers_bench: the run's mean accuracy over the general benchmarks / the base's.
+- vers_retention: base NLL / run NLL of the base model's own greedy answers to general prompts
+  (1.0: the general behaviour is untouched).
 """
 
-import json
+import statistics
 from pathlib import Path
 
 from cofitune_plugin.jsonl import read_records
@@ -25,25 +23,27 @@ def read_runs(work: Path, method: str | None = None) -> list[dict]:
     return [r for r in runs if method is None or r["method"] == method]
 
 
-def versatility(run: dict, base: dict) -> float:
+def mean_bench(scores: dict[str, float]) -> float:
+    return statistics.fmean(scores.values())
+
+
+def vers_bench(run: dict, base: dict) -> float:
+    return mean_bench(run["bench"]) / mean_bench(base["bench"])
+
+
+def vers_retention(run: dict, base: dict) -> float:
     return base["retention_nll"] / run["retention_nll"]
 
 
-def speciality(run: dict, base: dict, reference: float, metric: str) -> float:
-    gain = reference - base[metric]
-    return (run[metric] - base[metric]) / gain if gain != 0 else 0.0
+def spec(run: dict, base: dict, reference: float) -> float:
+    gain = reference - base["exact_match"]
+    return (run["exact_match"] - base["exact_match"]) / gain if gain != 0 else 0.0
 
 
-def uni(run: dict, base: dict, reference: float, metric: str) -> float:
-    return (speciality(run, base, reference, metric) + versatility(run, base)) / 2
-
-
-def best_learning_rate(work: Path, method: str) -> float:
-    """The swept rate whose first-seed run has the best Uni."""
-    base = json.loads((work / BASE_FILE).read_text())
-    plan = json.loads((work / "plan.json").read_text())
-    metric, first = plan["speciality_metric"], plan["seeds"][0]
-    pick = min if metric.endswith("nll") else max
-    reference = pick(r[metric] for r in read_runs(work, REFERENCE) if r["seed"] == first)
-    sweep = [r for r in read_runs(work, method) if r["seed"] == first]
-    return max(sweep, key=lambda r: uni(r, base, reference, metric))["learning_rate"]
+def reference_exact_match(runs: list[dict]) -> float:
+    """Full fine-tuning's exact match at its best rate (mean over seeds): the Spec reference."""
+    by_rate: dict[float, list[float]] = {}
+    for run in runs:
+        if run["method"] == REFERENCE and run["alpha"] is None:
+            by_rate.setdefault(run["learning_rate"], []).append(run["exact_match"])
+    return max(statistics.fmean(values) for values in by_rate.values())

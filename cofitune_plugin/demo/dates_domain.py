@@ -1,0 +1,90 @@
+"""A seeded short-answer speciality: dates written the ways documents write them, to ISO 8601.
+
+The forgetting benchmark's domain on a CPU. Each answer is one short line ("#### 2021-03-05"), so
+150 steps of batch 8 fit a 2-core CPU while exact match on held-out dates resolves a few points;
+the rule (month names and numbers, day-first and month-first orders, ordinals) is learnable by a
+135M model, and the answer format leaking into general answers is a plain sign of forgetting.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import random
+from pathlib import Path
+
+from cofitune_plugin.demo.math_domain import GENERAL_PROMPTS
+
+ANSWER_REGEX = r"####\s*(\d{4}-\d{2}-\d{2})"
+ORDINALS = [
+    "first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth",
+    "tenth", "eleventh", "twelfth", "thirteenth", "fourteenth", "fifteenth", "sixteenth",
+    "seventeenth", "eighteenth", "nineteenth", "twentieth", "twenty-first", "twenty-second",
+    "twenty-third", "twenty-fourth", "twenty-fifth", "twenty-sixth", "twenty-seventh",
+    "twenty-eighth", "twenty-ninth", "thirtieth", "thirty-first",
+]  # fmt: skip
+DOCUMENTS = ["invoice", "contract", "lease", "purchase order", "court filing", "bank statement"]
+EVENTS = ["was signed on", "is dated", "was issued on", "takes effect on", "was received on"]
+
+
+def _suffix(day: int) -> str:
+    if day in (11, 12, 13):
+        return "th"
+    return {1: "st", 2: "nd", 3: "rd"}.get(day % 10, "th")
+
+
+def written_forms(date: datetime.date) -> list[str]:
+    """The ways a document may write `date`."""
+    month, day, year = date.strftime("%B"), date.day, date.year
+    return [
+        f"{month} {day}, {year}",
+        f"{day} {month} {year}",
+        f"{month} {day}{_suffix(day)}, {year}",
+        f"the {ORDINALS[day - 1]} of {month}, {year}",
+        f"{date.strftime('%b')}. {day}, {year}",
+        f"{date.month:02d}/{day:02d}/{year} (US format)",
+        f"{day:02d}.{date.month:02d}.{year} (European format)",
+    ]
+
+
+def make_example(rng: random.Random) -> tuple[str, str]:
+    """A question and its answer, "#### YYYY-MM-DD"."""
+    start = datetime.date(1950, 1, 1).toordinal()
+    date = datetime.date.fromordinal(rng.randrange(start, start + 100 * 365))
+    form = rng.choice(written_forms(date))
+    document, event = rng.choice(DOCUMENTS), rng.choice(EVENTS)
+    question = f"The {document} {event} {form}. Write that date in ISO 8601 form."
+    return question, f"#### {date.isoformat()}"
+
+
+def write_dates_dataset(
+    out_dir: Path, n_train: int, n_eval: int, n_dev: int, seed: int
+) -> dict[str, Path]:
+    """Write train, eval and dev chat data (no question in two of them) and the general
+    prompts. `dev` is for choosing (the search), `eval` for the final table."""
+    rng = random.Random(seed)
+    rows, seen = [], set()
+    while len(rows) < n_train + n_eval + n_dev:
+        question, answer = make_example(rng)
+        if question in seen:
+            continue
+        seen.add(question)
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        rows.append({"messages": messages})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "train": out_dir / "train.jsonl",
+        "eval": out_dir / "eval.jsonl",
+        "dev": out_dir / "dev.jsonl",
+        "general_prompts": out_dir / "general_prompts.jsonl",
+    }
+    parts = {
+        "train": rows[:n_train],
+        "eval": rows[n_train : n_train + n_eval],
+        "dev": rows[n_train + n_eval :],
+    }
+    for name, part in parts.items():
+        paths[name].write_text("".join(json.dumps(row) + "\n" for row in part), encoding="utf-8")
+    prompts = "".join(json.dumps({"prompt": p}) + "\n" for p in GENERAL_PROMPTS)
+    paths["general_prompts"].write_text(prompts, encoding="utf-8")
+    return paths
