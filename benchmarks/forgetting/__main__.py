@@ -46,10 +46,10 @@ BUDGETS = {
         "recipe": {"max_steps": 100, "micro_batch_size": 8, "bf16": False},
         "learning_rates": {"full": [2e-5, 6e-5, 2e-4], "lora": [1e-3], "selection": [2e-4]},
         "importance_batches": 8,
-        "search": {"trial": {"max_steps": 20, "micro_batch_size": 8}},
+        "search": {"trial": {"max_steps": 15, "micro_batch_size": 8}},
         "evaluation": {
-            "exact_match_limit": 200,
-            "speciality_limit": 200,
+            "exact_match_limit": 150,
+            "speciality_limit": 150,
             "speciality_tokens": 16,
             "prompts_limit": 40,
             "answer_tokens": 32,

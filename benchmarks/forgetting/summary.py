@@ -45,7 +45,9 @@ def summarize(
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
         groups.setdefault((run["method"], run["learning_rate"], run["alpha"]), []).append(run)
-    order = {name: i for i, name in enumerate(described)}
+    names = [m.name for m in methods]
+    names.insert(names.index(REFERENCE) + 1, "wise-ft")  # the full line, then its WiSE-FT curve
+    order = {name: i for i, name in enumerate(names)}
     rows = []
     for (name, rate, alpha), chosen in sorted(
         groups.items(), key=lambda item: (order[item[0][0]], item[0][1], item[0][2] or 0)
