@@ -1,14 +1,17 @@
-"""`python benchmarks/forgetting`: speciality against versatility for the methods users pick.
+"""`python benchmarks/forgetting`: speciality against versatility where fine-tuning forgets.
 
-On the embedded SmolLM2-135M-Instruct and the demo's math domain, with one shared budget (same
-data, steps, schedule), it trains and evaluates base, full fine-tuning, LoRA, LLaMA-Factory's
-layer freezing, Spectrum, HFT and CoFiTune (coarse, with each soft mask, and the search's choice):
-a learning-rate sweep per method on the first seed, then the other seeds at the best rate. It
+On the embedded SmolLM2-135M-Instruct and a short-answer domain (dates to ISO 8601,
+`cofitune_plugin/demo/dates_domain.py`), with one shared budget (same data, steps, schedule), it
+trains and evaluates base, full fine-tuning at several rates (a frontier) and its WiSE-FT curve,
+LoRA, LLaMA-Factory's layer freezing, Spectrum, HFT and CoFiTune (coarse, with each soft mask,
+and as the README runs it: the search's choice with the default mask). Each model is scored on
+held-out exact match, general benchmarks (lm-eval tasks over packaged data) and retention. It
 writes results JSON, a Markdown table and a Pareto plot to `--docs`.
 
 Steps, each skipped when its output exists (the records in `--work` make the whole command
-resumable): the demo's model and data, the importance (`axolotl cofitune-importance`), the search
-(`axolotl cofitune-search`), then one process per method (`runner.py`).
+resumable): the demo's model, the domain data and general text, the importance
+(`axolotl cofitune-importance`), the search (`axolotl cofitune-search`), then one process per
+method (`runner.py`).
 """
 
 import argparse
