@@ -283,50 +283,39 @@ def ratio_stats(
 
 def profile_hooks(
     clock: Clock,
-    soft_masks: dict[str, SoftMask],
-    optimizer: torch.optim.Optimizer,
+    optimizers: dict[str, torch.optim.Optimizer],
     params: list[Tensor],
     masks: list[Tensor],
     repeats: int,
 ) -> dict[str, dict[str, float]]:
-    """Time each piece of the masks' work alone, on the real selected parameters.
+    """Time the masks' work alone, on the real selected parameters, through SoftMask's public
+    API.
 
-    - update_pre_copy / update_post_arith: SoftMask's own step pre- and post-hook. Called with no
-      step between them, the post-hook leaves the parameters unchanged.
-    - fused_copy_lerp: the same update mask as one copy plus one fused `lerp_` per tensor
-      (p = p_new + (1 - mask) (p_old - p_new)), a cheaper formulation of the post-hook.
+    - adamw_step: the unmasked variant's AdamW step alone over the selected parameters.
+    - adamw_step_update_masked: the update variant's AdamW step, which runs the update mask's
+      step pre- and post-hooks; minus `adamw_step`, that is the update mask's own work.
     - gradient_hook: `grad * mask` per parameter, what the gradient mode's tensor hooks compute.
-    - adamw_step: the optimizer step alone over the same parameters, for scale.
     """
-    update = soft_masks["update"]
-    undo = [(1 - m).to(p.dtype).view(-1, 1) for p, m in zip(params, masks)]
     keep = [m.to(p.dtype).view(-1, 1) for p, m in zip(params, masks)]
-    buffers = [torch.empty_like(p) for p in params]
     grads = [torch.randn_like(p) for p in params]
-
-    @torch.no_grad()
-    def fused() -> None:
-        for buffer, p in zip(buffers, params):
-            buffer.copy_(p)
-        for buffer, p, u in zip(buffers, params, undo):
-            p.lerp_(buffer, u)
 
     def gradient_hook() -> None:
         for g, k in zip(grads, keep):
             g * k  # noqa: B018 - the allocation and multiply are the cost being measured
 
-    def adamw() -> None:
-        for p, g in zip(params, grads):
-            p.grad = g
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def step(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+        def run() -> None:
+            for p, g in zip(params, grads):
+                p.grad = g
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return run
 
     pieces: dict[str, Callable[[], object]] = {
-        "update_pre_copy": lambda: update._remember(optimizer, (), {}),
-        "update_post_arith": lambda: update._keep_masked_change(optimizer, (), {}),
-        "fused_copy_lerp": fused,
+        "adamw_step": step(optimizers["unmasked"]),
+        "adamw_step_update_masked": step(optimizers["update"]),
         "gradient_hook": gradient_hook,
-        "adamw_step": adamw,
     }
     times: dict[str, list[float]] = {name: [] for name in pieces}
     for _ in range(repeats + 1):  # the first round warms the allocator and caches
@@ -415,8 +404,8 @@ def main(argv: list[str] | None = None) -> dict:
         config.num_attention_heads,
         config.num_key_value_heads,
     )
-    soft_masks = {"update": SoftMask(model, masks, "update")}
-    soft_masks["update"].attach_optimizer(optimizers["update"])
+    # the update mask's hooks hold it: it masks every step of its optimizer from here on
+    SoftMask(model, masks, "update").attach_optimizer(optimizers["update"])
     checks = check_masks(model, batches[0], masks, optimizers, autocast, args.lr)
     print(f"mask checks (0 = exact): {checks}", flush=True)
     if dtype == torch.float32 and max(checks.values()) > 1e-2:
@@ -426,11 +415,10 @@ def main(argv: list[str] | None = None) -> dict:
     def run(variant: str, batch: dict) -> float:
         # A gradient mask's tensor hooks fire in every backward, so it is attached only around
         # its own steps (outside the timed region); the update mask hooks only its optimizer.
-        if variant == "gradient":
-            soft_masks["gradient"] = SoftMask(model, masks, "gradient")
+        gradient_mask = SoftMask(model, masks, "gradient") if variant == "gradient" else None
         seconds = clock.time(lambda: train_step(model, batch, optimizers[variant], autocast))
-        if variant == "gradient":
-            soft_masks.pop("gradient").remove()
+        if gradient_mask is not None:
+            gradient_mask.remove()
         return seconds
 
     step_times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
@@ -480,8 +468,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     hooks = profile_hooks(
         clock,
-        soft_masks,
-        optimizers["unmasked"],
+        optimizers,
         params,
         [masks[name] for name in selection.parameters],
         args.hook_repeats,
@@ -517,9 +504,8 @@ def main(argv: list[str] | None = None) -> dict:
     # The masks' own work, timed alone and repeated: a load-robust estimate of the overhead.
     quiet_step = steps["unmasked"]["min"]
     hook_fraction = {
-        "update": (hooks["update_pre_copy"]["median"] + hooks["update_post_arith"]["median"])
+        "update": (hooks["adamw_step_update_masked"]["median"] - hooks["adamw_step"]["median"])
         / quiet_step,
-        "update_fused_copy_lerp": hooks["fused_copy_lerp"]["median"] / quiet_step,
         "gradient": hooks["gradient_hook"]["median"] / quiet_step,
     }
     goal = GOALS.get(device.type)

