@@ -42,6 +42,7 @@ import torch
 from machine import describe
 
 from cofitune_plugin.memory_plan import GIB, ModelShape, Setup, model_shape, plan_memory
+from cofitune_plugin.selection import select
 
 METHODS = ("full", "cofitune", "cofitune_update", "lora")
 LAYERS, MODULES = "25%-50%", "ffn"
@@ -93,16 +94,8 @@ def build_model():
     return LlamaForCausalLM(LlamaConfig(**MODEL)).float()
 
 
-def selection_of(model, layers: str, modules: str | list[str]):
-    from cofitune_plugin.selection import select_parameters
-
-    config = model.config
-    return select_parameters(model, config.model_type, config.num_hidden_layers, layers, modules)
-
-
 def update_mask(model, selection):
     """The update soft mask of `selection`, from random importance through the package's code."""
-    from cofitune_plugin.architectures import architecture_for
     from cofitune_plugin.importance import NormalizedImportance, normalize
     from cofitune_plugin.softmask import SoftMask, row_masks
 
@@ -113,15 +106,7 @@ def update_mask(model, selection):
         intermediate=normalize(torch.randn(layers, config.intermediate_size, generator=generator)),
         output=normalize(torch.randn(layers, config.hidden_size, generator=generator)),
     )
-    masks = row_masks(
-        model,
-        selection,
-        architecture_for(config.model_type),
-        importance,
-        config.num_attention_heads,
-        config.num_key_value_heads,
-    )
-    return SoftMask(model, masks, apply_to="update")
+    return SoftMask(model, row_masks(model, selection, importance), apply_to="update")
 
 
 def prepare(model, method: str):
@@ -133,7 +118,7 @@ def prepare(model, method: str):
         return get_peft_model(model, config), None
     if method == "full":
         return model, None
-    selection = selection_of(model, LAYERS, MODULES)
+    selection = select(model, LAYERS, MODULES)
     for name, param in model.named_parameters():
         param.requires_grad_(name in selection.parameters)
     return model, update_mask(model, selection) if method == "cofitune_update" else None
@@ -184,14 +169,13 @@ def run_method(args: argparse.Namespace) -> dict:
 def run_passes(args: argparse.Namespace) -> dict:
     """Seconds per token of the importance pass and of a trial's scoring forward, beside the
     coarse selection's training step, all on the same model in one process."""
-    from cofitune_plugin.architectures import architecture_for
     from cofitune_plugin.importance import compute_importance
 
     model = build_model()
-    selection = selection_of(model, LAYERS, MODULES)
+    selection = select(model, LAYERS, MODULES)
     tokens = args.batch_size * args.seq_len
     batches = [batch_of(args, seed) for seed in range(args.importance_batches + 1)]
-    architecture = architecture_for(model.config.model_type)
+    architecture = selection.architecture
     compute_importance(model, batches[:1], architecture, selection.layer_prefix, progress=False)
     start = time.perf_counter()
     raw = compute_importance(
@@ -241,8 +225,8 @@ def predicted_gib(shape: ModelShape, args: argparse.Namespace, method: str, ckpt
 
 def method_shapes(model) -> dict[str, ModelShape]:
     """Each method's shape for the memory model, from the package's own selection code."""
-    coarse = model_shape(model, selection_of(model, LAYERS, MODULES))
-    every_linear = selection_of(model, "0%-100%", ALL_LINEAR)
+    coarse = model_shape(model, select(model, LAYERS, MODULES))
+    every_linear = select(model, "0%-100%", ALL_LINEAR)
     full = dataclasses.replace(
         model_shape(model, every_linear),
         trainable=sum(p.numel() for p in model.parameters()),

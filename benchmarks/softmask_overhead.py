@@ -36,14 +36,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from cofitune_plugin.architectures import Architecture, architecture_for
 from cofitune_plugin.importance import (
     NormalizedImportance,
     RawImportance,
     compute_importance,
     normalize,
 )
-from cofitune_plugin.selection import Selection, select_parameters
+from cofitune_plugin.selection import Selection, select
 from cofitune_plugin.softmask import SoftMask, row_masks
 
 VARIANTS = ("unmasked", "gradient", "update")
@@ -363,11 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
-    config = model.config.get_text_config()
-    architecture: Architecture = architecture_for(config.model_type)
-    selection: Selection = select_parameters(
-        model, config.model_type, config.num_hidden_layers, args.layers, args.modules.split(",")
-    )
+    selection: Selection = select(model, args.layers, args.modules.split(","))
     for name, param in model.named_parameters():
         param.requires_grad_(name in selection.parameters)
     params = [model.get_parameter(name) for name in selection.parameters]
@@ -385,7 +380,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     def importance_of(batch: dict) -> RawImportance:
         return compute_importance(
-            model, [batch], architecture, selection.layer_prefix, dropout=0.003, progress=False
+            model,
+            [batch],
+            selection.architecture,
+            selection.layer_prefix,
+            dropout=0.003,
+            progress=False,
         )
 
     # Warm-up round 0: one importance batch gives the masks (their values do not change the
@@ -396,14 +396,7 @@ def main(argv: list[str] | None = None) -> dict:
         intermediate=normalize(raw.intermediate),
         output=normalize(raw.output),
     )
-    masks = row_masks(
-        model,
-        selection,
-        architecture,
-        importance,
-        config.num_attention_heads,
-        config.num_key_value_heads,
-    )
+    masks = row_masks(model, selection, importance)
     # the update mask's hooks hold it: it masks every step of its optimizer from here on
     SoftMask(model, masks, "update").attach_optimizer(optimizers["update"])
     checks = check_masks(model, batches[0], masks, optimizers, autocast, args.lr)

@@ -216,8 +216,9 @@ def plan(config: str, gpus: int, gpu_memory: float | None, model_config: str | N
     update-mask copy, activations) under its launcher on GPUS GPUs. No weights are loaded."""
     from cofitune_plugin.args import RecipeError, check_recipe
     from cofitune_plugin.memory_plan import describe_plan
-    from cofitune_plugin.plugin import meta_model_of, select
+    from cofitune_plugin.plugin import meta_model_of
     from cofitune_plugin.search import read_chosen
+    from cofitune_plugin.selection import select
 
     raw = yaml.safe_load(Path(config).read_text())
     recipe = check_recipe(raw)
@@ -229,6 +230,6 @@ def plan(config: str, gpus: int, gpu_memory: float | None, model_config: str | N
         )
     if model_config:
         raw["base_model_config"] = model_config
-    hf_config, meta_model = meta_model_of(raw)
-    selection = select(hf_config, meta_model, recipe)
+    _, meta_model = meta_model_of(raw)
+    selection = select(meta_model, recipe.layers, recipe.modules)
     click.echo(describe_plan(raw, meta_model, selection, gpus, gpu_memory))

@@ -38,7 +38,6 @@ from transformers import (
     TrainerCallback,
 )
 
-from cofitune_plugin.architectures import architecture_for
 from cofitune_plugin.args import (
     ADAPTER,
     LORA_ADAPTERS,
@@ -51,7 +50,7 @@ from cofitune_plugin.cpu_threads import use_every_core
 from cofitune_plugin.importance import MANIFEST_FILE, load_importance, model_manifest
 from cofitune_plugin.lora import lora_b_masks, lora_parameters, target_modules_regex
 from cofitune_plugin.search import read_chosen
-from cofitune_plugin.selection import Selection, select_parameters
+from cofitune_plugin.selection import Selection, select
 from cofitune_plugin.sharded import EnginePlacement, engine_of, sampled_values
 from cofitune_plugin.softmask import SoftMask, check_masks, row_masks
 
@@ -93,8 +92,8 @@ class CoFiTunePlugin(BasePlugin):
             LOG.info("cofitune: using the selection chosen in %s: %s", config.from_search, chosen)
             config = config.model_copy(update={**chosen, "from_search": None})
             cfg["cofitune"] = {**cfg["cofitune"], **chosen, "from_search": None}
-        model_config, meta_model = meta_model_of(cfg)
-        selection = select(model_config, meta_model, config)
+        _, meta_model = meta_model_of(cfg)
+        selection = select(meta_model, config.layers, config.modules)
         if cfg["adapter"] in LORA_ADAPTERS:
             targets = target_modules_regex(selection, meta_model)
             cfg["adapter"] = LORA_ADAPTERS[cfg["adapter"]]
@@ -135,7 +134,7 @@ class CoFiTunePlugin(BasePlugin):
             _, reference = meta_model_of(cfg)
         else:
             model = reference = trainer.model
-        selection = select(reference.config, reference, config)
+        selection = select(reference, config.layers, config.modules)
         trained = lora_parameters(model, selection) if lora else list(selection.parameters)
         _check_trains_exactly(model, trained)
         total = sum(getattr(p, "ds_numel", p.numel()) for p in reference.parameters())
@@ -193,7 +192,7 @@ def load_trained(cfg: DictDefault):
         )
     evaluator = Evaluator(load_tokenizer(cfg), settings)
     _, meta_model = meta_model_of(cfg)
-    selection = select(meta_model.config, meta_model, config)
+    selection = select(meta_model, config.layers, config.modules)
     remote = bool(cfg.trust_remote_code)
     tuned = AutoModelForCausalLM.from_pretrained(output_dir, dtype="auto", trust_remote_code=remote)
     base = AutoModelForCausalLM.from_pretrained(
@@ -292,21 +291,13 @@ def _build_masks(
 ) -> dict[str, torch.Tensor]:
     """Row masks of the selected weights, for the weights themselves or, with `lora`, for each
     adapter's `lora_B`; checked against the model's shapes now, before training starts."""
-    text_config = model.config.get_text_config()
-    architecture = architecture_for(text_config.model_type)
     importance = load_importance(
         importance_dirs(config.soft_mask.importance),
-        expected=model_manifest(model, architecture, selection.layer_prefix, sampled_values),
+        expected=model_manifest(
+            model, selection.architecture, selection.layer_prefix, sampled_values
+        ),
     )
-    n_heads = text_config.num_attention_heads
-    masks = row_masks(
-        model,
-        selection,
-        architecture,
-        importance,
-        n_heads=n_heads,
-        n_kv_heads=getattr(text_config, "num_key_value_heads", None) or n_heads,
-    )
+    masks = row_masks(model, selection, importance)
     if lora:
         masks = lora_b_masks(model, masks)
     LOG.info(
@@ -328,17 +319,6 @@ def meta_model_of(cfg: dict) -> tuple[PretrainedConfig, nn.Module]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
     return model_config, model
-
-
-def select(model_config: PretrainedConfig, model: nn.Module, config: CoFiTuneConfig) -> Selection:
-    text_config = model_config.get_text_config()
-    return select_parameters(
-        model,
-        model_type=text_config.model_type,
-        num_layers=text_config.num_hidden_layers,
-        layers=config.layers,
-        modules=config.modules,
-    )
 
 
 def _check_patterns_match(patterns: list[str], model: nn.Module, selection: Selection) -> None:

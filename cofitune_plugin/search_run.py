@@ -11,7 +11,7 @@ import yaml
 
 from cofitune_plugin.args import ADAPTER, RecipeError, check_recipe, check_search_recipe
 from cofitune_plugin.datafiles import check_data_files
-from cofitune_plugin.plugin import LOG, meta_model_of, select
+from cofitune_plugin.plugin import LOG, meta_model_of
 from cofitune_plugin.report import markdown_table, pareto_plot, versus_paper_default
 from cofitune_plugin.search import (
     BaseRecord,
@@ -24,6 +24,7 @@ from cofitune_plugin.search import (
     run_search,
     write_chosen,
 )
+from cofitune_plugin.selection import select
 
 # Keys that decide where things go or how they are logged, not what a trial measures.
 _NOT_IN_HEADER = ("output_dir", "dataset_prepared_path", "logging_steps", "save_strategy")
@@ -66,8 +67,7 @@ def search_command(config: str) -> str:
     text_config = model_config.get_text_config()
 
     def resolve(window: str, modules: str) -> Candidate:
-        chosen = recipe.model_copy(update={"layers": window, "modules": modules})
-        selection = select(model_config, meta_model, chosen)
+        selection = select(meta_model, window, modules)
         return Candidate(window, modules, selection.layers, selection.numel)
 
     planned = min(check_levels(spec.levels, resolve), spec.max_trials or sys.maxsize)

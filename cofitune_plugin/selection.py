@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from cofitune_plugin.architectures import architecture_for
+from cofitune_plugin.architectures import Architecture, architecture_for
 
 MODULE_SETS = ("ffn", "mha")
 
@@ -123,17 +123,26 @@ def find_decoder_layers(model: nn.Module, num_layers: int) -> str:
 
 @dataclass(frozen=True)
 class Selection:
-    """The parameters CoFiTune trains, in model order, with their element counts."""
+    """The parameters CoFiTune trains, in model order, with their element counts, and the
+    model's architecture that soft masks need to lay importance over those parameters' rows."""
 
     layer_prefix: str
     layers: tuple[int, ...]
     modules: tuple[str, ...]
     parameters: dict[str, int]
+    model_type: str
+    n_heads: int  # attention (query) heads per layer
+    n_kv_heads: int  # key/value heads per layer: fewer than n_heads under GQA
     note: str = ""
 
     @property
     def numel(self) -> int:
         return sum(self.parameters.values())
+
+    @property
+    def architecture(self) -> Architecture:
+        """Where the model keeps `ffn` and `mha`; refuses a `model_type` it does not know."""
+        return architecture_for(self.model_type)
 
     def by_layer_and_module(self) -> dict[tuple[int, str], int]:
         """Element counts grouped by (layer index, module path inside the layer)."""
@@ -169,14 +178,14 @@ class Selection:
         return "\n".join([head, *([self.note] if self.note else []), *rows])
 
 
-def select_parameters(
-    model: nn.Module,
-    model_type: str,
-    num_layers: int,
-    layers: str | int | list[int],
-    modules: str | list[str],
-) -> Selection:
-    """Resolve a layer spec and module names into the exact parameters to train."""
+def select(model: nn.Module, layers: str | int | list[int], modules: str | list[str]) -> Selection:
+    """Resolve a layer spec and module names into the exact parameters of `model` to train.
+
+    The model's own config (`model.config`, its text part for a multimodal model) names its
+    architecture, depth and attention heads, so no caller can pass ones that do not match it.
+    """
+    config = model.config.get_text_config()
+    model_type, num_layers = config.model_type, config.num_hidden_layers
     layer_indices = resolve_layers(layers, num_layers)
     module_names = parse_modules(modules)
     prefix = find_decoder_layers(model, num_layers)
@@ -223,6 +232,9 @@ def select_parameters(
         layers=tuple(layer_indices),
         modules=tuple(module_names),
         parameters=parameters,
+        model_type=model_type,
+        n_heads=config.num_attention_heads,
+        n_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
         note=" ".join(notes),
     )
 

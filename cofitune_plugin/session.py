@@ -21,7 +21,7 @@ from peft import PeftConfig
 from torch import nn
 from transformers.trainer_utils import TrainOutput
 
-from cofitune_plugin.selection import Selection, select_parameters
+from cofitune_plugin.selection import Selection, select
 
 Evaluation = TypeVar("Evaluation")
 
@@ -54,10 +54,7 @@ class Session:
 
     def select(self, layers: str, modules: str | list[str]) -> Selection:
         """CoFiTune's selection `layers` x `modules` in this model."""
-        text_config = self.model.config.get_text_config()
-        return select_parameters(
-            self.model, text_config.model_type, text_config.num_hidden_layers, layers, modules
-        )
+        return select(self.model, layers, modules)
 
     def train(
         self,

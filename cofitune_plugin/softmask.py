@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from cofitune_plugin.architectures import Architecture
 from cofitune_plugin.importance import NormalizedImportance
 from cofitune_plugin.selection import Selection, split_layer_name
 
@@ -30,12 +29,7 @@ class SoftMaskError(ValueError):
 
 
 def row_masks(
-    model: nn.Module,
-    selection: Selection,
-    architecture: Architecture,
-    importance: NormalizedImportance,
-    n_heads: int,
-    n_kv_heads: int,
+    model: nn.Module, selection: Selection, importance: NormalizedImportance
 ) -> dict[str, Tensor]:
     """Map each selected parameter name to a float32 mask over its rows (dim 0), 1 - I.
 
@@ -55,11 +49,13 @@ def row_masks(
     Parameters outside the importance's units (raw names such as o_proj or gate_proj) are refused
     rather than left unmasked, which would silently train them harder than the rest.
     """
-    model_type = model.config.get_text_config().model_type
+    architecture = selection.architecture
+    n_heads, n_kv_heads = selection.n_heads, selection.n_kv_heads
     if architecture.ffn_down is None or architecture.attn_out is None:
         raise SoftMaskError(
-            f"cofitune.soft_mask: not supported for model_type '{model_type}' (MoE experts are "
-            "fused tensors with no per-neuron module); remove `soft_mask` to train without masks"
+            f"cofitune.soft_mask: not supported for model_type '{selection.model_type}' (MoE "
+            "experts are fused tensors with no per-neuron module); remove `soft_mask` to train "
+            "without masks"
         )
     up_paths = [path for path in architecture.ffn if path != architecture.ffn_down]
     num_layers, importance_heads = importance.head.shape

@@ -22,7 +22,7 @@ from cofitune_plugin.args import RecipeError
 from cofitune_plugin.cli import importance as importance_command
 from cofitune_plugin.cli import search as search_command
 from cofitune_plugin.evaluation import greedy_generate
-from cofitune_plugin.selection import select_parameters
+from cofitune_plugin.selection import select
 from conftest import (
     OFFLINE_ENV,
     recipe,
@@ -115,7 +115,7 @@ def test_search_killed_midway_resumes_and_train_uses_the_winner(tmp_path, tiny_m
     trained = run_axolotl("train", str(path), cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr[-4000:]
     model = tiny_model("llama")
-    selection = select_parameters(model, "llama", 8, chosen["layers"], chosen["modules"])
+    selection = select(model, chosen["layers"], chosen["modules"])
     before_weights = dict(model.state_dict())
     after_weights = load_file(tmp_path / "out" / "model.safetensors")
     changed = {n for n, w in after_weights.items() if not torch.equal(w, before_weights[n])}

@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from cofitune_plugin.dial import Dial, DialError, check_same_base, selection_values
-from cofitune_plugin.selection import select_parameters
+from cofitune_plugin.selection import select
 from conftest import tiny_model
 
 
 def tuned_copy(seed: int = 1):
     """A base tiny llama and a copy whose selection (layers 2-3 FFN) moved by random noise."""
     base, tuned = tiny_model("llama"), tiny_model("llama")
-    selection = select_parameters(tuned, "llama", 8, "25%-50%", ["ffn"])
+    selection = select(tuned, "25%-50%", ["ffn"])
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name in selection.parameters:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from cofitune_plugin.importance import model_fingerprint
 from cofitune_plugin.lora import lora_b_masks, lora_parameters, target_modules_regex
-from cofitune_plugin.selection import SelectionError, select_parameters
+from cofitune_plugin.selection import SelectionError, select
 from conftest import (
     expected_row_keep,
     masked_and_plain_step,
@@ -27,8 +27,8 @@ LORA = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
 SELECTED = [f"model.layers.{i}.mlp.{m}" for i in (2, 3) for m in ("up_proj", "down_proj")]
 
 
-def _selection(model, modules=("ffn",), model_type="llama"):
-    return select_parameters(model, model_type, 8, "25%-50%", list(modules))
+def _selection(model, modules=("ffn",)):
+    return select(model, "25%-50%", list(modules))
 
 
 def test_target_regex_puts_adapters_on_exactly_the_selected_modules():
@@ -46,7 +46,7 @@ def test_target_regex_puts_adapters_on_exactly_the_selected_modules():
 
 def test_lora_b_takes_the_weights_row_mask_and_biases_are_dropped():
     model = tiny_model("qwen2")  # q/k/v have biases
-    selection = _selection(model, ["mha"], "qwen2")
+    selection = _selection(model, ["mha"])
     base = get_peft_model(
         model, LoraConfig(r=4, target_modules=target_modules_regex(selection, model))
     ).get_base_model()
@@ -73,7 +73,7 @@ def test_adapters_do_not_change_the_base_models_fingerprint():
 def test_fused_moe_experts_are_refused():
     model = tiny_model("qwen2_moe")
     with pytest.raises(SelectionError, match="fused tensor .* use `adapter: cofitune`"):
-        target_modules_regex(_selection(model, model_type="qwen2_moe"), model)
+        target_modules_regex(_selection(model), model)
 
 
 @pytest.mark.axolotl

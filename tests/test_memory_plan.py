@@ -17,7 +17,7 @@ from cofitune_plugin.memory_plan import (
     plan_memory,
     recipe_setup,
 )
-from cofitune_plugin.selection import select_parameters
+from cofitune_plugin.selection import select
 from conftest import run_axolotl, tiny_config
 
 # hidden 8, FFN 16, 4 layers, 2 query heads of 4 and 1 key/value head (kv width 4), vocab 10
@@ -33,7 +33,7 @@ PARAMETERS, LAYER, TRAINED = 2536, 592, 256
 def shape():
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(CONFIG)
-    selection = select_parameters(model, "llama", 4, "25%-50%", "ffn")
+    selection = select(model, "25%-50%", "ffn")
     return model, selection, model_shape(model, selection)
 
 

@@ -20,7 +20,7 @@ from cofitune_plugin.search import (
     score_trials,
     split_window,
 )
-from cofitune_plugin.selection import select_parameters
+from cofitune_plugin.selection import select
 from conftest import recipe, search_block, tiny_config
 
 BASE = BaseRecord(speciality=2.0, retention_nll=1.0, seconds=0.0, fingerprint="f", answers=[])
@@ -33,7 +33,7 @@ def resolve():
         model = AutoModelForCausalLM.from_config(tiny_config("llama"))
 
     def resolve(window: str, modules: str) -> Candidate:
-        selection = select_parameters(model, "llama", 8, window, modules)
+        selection = select(model, window, modules)
         return Candidate(window, modules, selection.layers, selection.numel)
 
     return resolve

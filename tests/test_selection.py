@@ -10,7 +10,7 @@ from cofitune_plugin.selection import (
     find_decoder_layers,
     parse_modules,
     resolve_layers,
-    select_parameters,
+    select,
 )
 from conftest import tiny_config
 
@@ -96,25 +96,25 @@ EXPECTED_MHA = {
 @pytest.mark.parametrize("model_type", sorted(EXPECTED_FFN))
 def test_ffn_and_mha_map_to_each_architectures_modules(model_type):
     model = _tiny(model_type)
-    ffn = select_parameters(model, model_type, 8, "25%-50%", ["ffn"])
+    ffn = select(model, "25%-50%", ["ffn"])
     assert ffn.layers == (2, 3)
     assert _layer_paths(ffn) == {(i, p) for i in (2, 3) for p in EXPECTED_FFN[model_type]}
     # the gate projection and router never count as `ffn`
     assert not any(".gate_proj" in n or n.endswith("mlp.gate.weight") for n in ffn.parameters)
 
-    mha = select_parameters(model, model_type, 8, "25%-50%", ["mha"])
+    mha = select(model, "25%-50%", ["mha"])
     expected = EXPECTED_MHA.get(
         model_type, {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}
     )
     assert _layer_paths(mha) == {(i, p) for i in (2, 3) for p in expected}
 
-    both = select_parameters(model, model_type, 8, "25%-50%", ["ffn+mha"])
+    both = select(model, "25%-50%", ["ffn+mha"])
     assert both.parameters == {**ffn.parameters, **mha.parameters}
 
 
 def test_selection_counts_elements_and_biases():
     model = _tiny("gpt_neox")
-    selection = select_parameters(model, "gpt_neox", 8, "0-0", ["ffn"])
+    selection = select(model, "0-0", ["ffn"])
     assert selection.parameters == {
         "gpt_neox.layers.0.mlp.dense_h_to_4h.weight": 64 * 32,
         "gpt_neox.layers.0.mlp.dense_h_to_4h.bias": 64,
@@ -126,7 +126,7 @@ def test_selection_counts_elements_and_biases():
 
 def test_raw_module_names_select_those_modules():
     model = _tiny("llama")
-    selection = select_parameters(model, "llama", 8, [1, 5], ["gate_proj", "o_proj"])
+    selection = select(model, [1, 5], ["gate_proj", "o_proj"])
     assert set(selection.parameters) == {
         f"model.layers.{i}.{p}.weight"
         for i in (1, 5)
@@ -136,15 +136,16 @@ def test_raw_module_names_select_those_modules():
 
 def test_unknown_raw_module_lists_what_the_layer_has():
     with pytest.raises(SelectionError, match=r"\['w1'\] match no parameter") as err:
-        select_parameters(_tiny("llama"), "llama", 8, "25%-50%", ["w1"])
+        select(_tiny("llama"), "25%-50%", ["w1"])
     assert "gate_proj" in str(err.value)
 
 
 def test_unmapped_architecture_is_refused_by_name_but_raw_names_work():
     model = _tiny("llama")
+    model.config.model_type = "mystery"  # a model type the plugin has no module map for
     with pytest.raises(UnsupportedArchitectureError, match="model_type 'mystery' is not supported"):
-        select_parameters(model, "mystery", 8, "25%-50%", ["ffn"])
-    assert select_parameters(model, "mystery", 8, "25%-50%", ["up_proj"]).parameters
+        select(model, "25%-50%", ["ffn"])
+    assert select(model, "25%-50%", ["up_proj"]).parameters
 
 
 def test_decoder_layers_are_found_by_count():
@@ -158,7 +159,7 @@ def test_unfrozen_patterns_in_axolotl_dialect_match_exactly_the_selection():
     from axolotl.utils.freeze import LayerNamePattern
 
     model = _tiny("qwen2")
-    selection = select_parameters(model, "qwen2", 8, "25%-75%", ["mha"])
+    selection = select(model, "25%-75%", ["mha"])
     patterns = [LayerNamePattern(p) for p in selection.unfrozen_parameters()]
     matched = {n for n, _ in model.named_parameters() if any(p.match(n) for p in patterns)}
     assert matched == set(selection.parameters)
@@ -167,7 +168,7 @@ def test_unfrozen_patterns_in_axolotl_dialect_match_exactly_the_selection():
 
 def test_report_lists_layers_modules_and_share():
     model = _tiny("llama")
-    selection = select_parameters(model, "llama", 8, "25%-50%", ["ffn"])
+    selection = select(model, "25%-50%", ["ffn"])
     total = sum(p.numel() for p in model.parameters())
     report = selection.report(total)
     assert "layers 2-3" in report

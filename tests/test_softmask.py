@@ -12,9 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from cofitune_plugin.architectures import architecture_for
 from cofitune_plugin.importance import NormalizedImportance
-from cofitune_plugin.selection import Selection, select_parameters
+from cofitune_plugin.selection import Selection, select
 from cofitune_plugin.softmask import SoftMask, SoftMaskError, row_masks
 from conftest import VOCAB_SIZE, tiny_model
 
@@ -40,19 +39,17 @@ def random_importance(seed: int = 0) -> NormalizedImportance:
     )
 
 
-def selected(model, model_type: str, modules=("ffn", "mha")) -> Selection:
+def selected(model, modules=("ffn", "mha")) -> Selection:
     """Layers 2-3 (25%-50% of 8); everything else frozen, as Axolotl would leave it."""
-    selection = select_parameters(model, model_type, 8, "25%-50%", list(modules))
+    selection = select(model, "25%-50%", list(modules))
     for name, param in model.named_parameters():
         param.requires_grad_(name in selection.parameters)
     return selection
 
 
-def masks_for(model, model_type: str, importance: NormalizedImportance) -> dict[str, torch.Tensor]:
-    selection = selected(model, model_type)
-    return row_masks(
-        model, selection, architecture_for(model_type), importance, N_HEADS, N_KV_HEADS
-    )
+def masks_for(model, importance: NormalizedImportance) -> dict[str, torch.Tensor]:
+    selection = selected(model)
+    return row_masks(model, selection, importance)
 
 
 def expected_row_factor(model_type: str, path: str, layer: int, imp, row: int) -> float:
@@ -86,7 +83,7 @@ def expected_row_factor(model_type: str, path: str, layer: int, imp, row: int) -
 
 
 def expected_masks(model, model_type: str, imp) -> dict[str, torch.Tensor]:
-    selection = selected(model, model_type)
+    selection = selected(model)
     out = {}
     for name in selection.parameters:
         layer = int(name.removeprefix(selection.layer_prefix + ".").split(".")[0])
@@ -135,7 +132,7 @@ PAPER_MODULES = {
 @pytest.mark.parametrize("model_type", ["llama", "phi3", "gpt_neox"])
 def test_row_masks_follow_each_layout(model_type):
     model, imp = tiny_model_in(model_type), random_importance()
-    masks = masks_for(model, model_type, imp)
+    masks = masks_for(model, imp)
     expected = expected_masks(model, model_type, imp)
     assert masks.keys() == expected.keys()
     assert set(PAPER_MODULES[model_type]) <= masks.keys()
@@ -162,7 +159,7 @@ def test_masked_rows_feed_the_head_they_are_named_after(model_type, attention, q
         head=torch.zeros(8, N_HEADS), intermediate=torch.zeros(8, D_FF), output=torch.zeros(8, 32)
     )
     imp.head[2, 1] = 0.5
-    masks = masks_for(model, model_type, imp)
+    masks = masks_for(model, imp)
     attention_module = layers[2].get_submodule(attention)
     out_proj = attention_module.get_submodule("o_proj" if model_type != "gpt_neox" else "dense")
     seen = []
@@ -195,20 +192,16 @@ def test_masked_rows_feed_the_head_they_are_named_after(model_type, attention, q
 
 def test_raw_modules_are_refused_naming_the_parameter():
     model = tiny_model_in("llama")
-    selection = selected(model, "llama", modules=("ffn", "o_proj"))
+    selection = selected(model, modules=("ffn", "o_proj"))
     with pytest.raises(SoftMaskError, match=r"model\.layers\.2\.self_attn\.o_proj\.weight"):
-        row_masks(
-            model, selection, architecture_for("llama"), random_importance(), N_HEADS, N_KV_HEADS
-        )
+        row_masks(model, selection, random_importance())
 
 
 def test_moe_is_refused():
     model = tiny_model_in("mixtral")
-    selection = selected(model, "mixtral", modules=("ffn",))
+    selection = selected(model, modules=("ffn",))
     with pytest.raises(SoftMaskError, match="'mixtral'"):
-        row_masks(
-            model, selection, architecture_for("mixtral"), random_importance(), N_HEADS, N_KV_HEADS
-        )
+        row_masks(model, selection, random_importance())
 
 
 @pytest.mark.parametrize("model_type", ["llama", "phi3", "gpt_neox"])
@@ -219,7 +212,7 @@ def test_sgd_gradient_mask_scales_each_row_change(model_type):
         tiny_model_in(model_type, torch.float64),
     )
     expected = expected_masks(plain, model_type, imp)
-    soft_mask = SoftMask(masked, masks_for(masked, model_type, imp), "gradient")
+    soft_mask = SoftMask(masked, masks_for(masked, imp), "gradient")
     start = snapshot(plain, expected)
     batch = token_batch()
 
@@ -239,8 +232,8 @@ def test_sgd_gradient_mask_scales_each_row_change(model_type):
 def test_adamw_update_mask_keeps_mask_times_the_change_over_two_steps():
     imp = random_importance()
     masked, reference = tiny_model_in("llama", torch.float64), tiny_model_in("llama", torch.float64)
-    masks = masks_for(masked, "llama", imp)
-    selected(reference, "llama")
+    masks = masks_for(masked, imp)
+    selected(reference)
     soft_mask = SoftMask(masked, masks, "update")
 
     def adamw(model):
@@ -275,9 +268,9 @@ def test_gradient_mask_with_accumulation_equals_one_big_batch():
         tiny_model_in("llama", torch.float64),
         tiny_model_in("llama", torch.float64),
     )
-    masks = masks_for(accumulated, "llama", imp)
+    masks = masks_for(accumulated, imp)
     SoftMask(accumulated, masks, "gradient")
-    SoftMask(whole, masks_for(whole, "llama", imp), "gradient")
+    SoftMask(whole, masks_for(whole, imp), "gradient")
     batch = token_batch(rows=4)
 
     optimizer = torch.optim.SGD([p for p in accumulated.parameters() if p.requires_grad], lr=0.5)
@@ -296,8 +289,8 @@ def test_gradient_mask_with_accumulation_equals_one_big_batch():
 def test_remove_restores_unmasked_training(apply_to):
     imp = random_importance()
     masked, plain = tiny_model_in("llama"), tiny_model_in("llama")
-    soft_mask = SoftMask(masked, masks_for(masked, "llama", imp), apply_to)
-    names = list(masks_for(plain, "llama", imp))
+    soft_mask = SoftMask(masked, masks_for(masked, imp), apply_to)
+    names = list(masks_for(plain, imp))
     optimizers = [
         torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         for model in (masked, plain)
@@ -332,7 +325,7 @@ def train_two_steps(model, masks, apply_to: str, batches: list[dict]) -> dict[st
 def ddp_run(apply_to: str, rank: int, world_size: int) -> dict[str, torch.Tensor]:
     """This rank's share of the batches through DDP; the DDP object dies when this returns."""
     model = tiny_model_in("llama", torch.float64)
-    masks = masks_for(model, "llama", random_importance())
+    masks = masks_for(model, random_importance())
     batches = [split(token_batch(seed=s), rank, world_size) for s in range(2)]
     return train_two_steps(DistributedDataParallel(model), masks, apply_to, batches)
 
@@ -374,7 +367,7 @@ def test_ddp_on_two_processes_matches_one_process_on_the_full_batch(tmp_path):
             pytest.fail("the DDP workers did not finish within 120 s")
     for apply_to in ("gradient", "update"):
         model = tiny_model_in("llama", torch.float64)
-        masks = masks_for(model, "llama", random_importance())
+        masks = masks_for(model, random_importance())
         single = train_two_steps(model, masks, apply_to, [token_batch(seed=s) for s in range(2)])
         distributed = torch.load(tmp_path / f"{apply_to}.pt")
         for name, value in single.items():

@@ -15,7 +15,7 @@ from cofitune_plugin.dial import selection_values
 from cofitune_plugin.evaluation import greedy_generate, read_examples
 from cofitune_plugin.importance import model_fingerprint
 from cofitune_plugin.search import BaseRecord, SearchRecords
-from cofitune_plugin.selection import select_parameters
+from cofitune_plugin.selection import select
 from cofitune_plugin.train_report import (
     DIAL_DIR,
     DIAL_RECORDS,
@@ -52,7 +52,7 @@ def pair(tmp_path_factory, one_thread):
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     tuned = AutoModelForCausalLM.from_pretrained(base_dir)
-    selection = list(select_parameters(tuned, "llama", 8, "25%-50%", ["ffn"]).parameters)
+    selection = list(select(tuned, "25%-50%", ["ffn"]).parameters)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name in selection:
