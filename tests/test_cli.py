@@ -23,7 +23,7 @@ from cofitune_plugin.cli import importance as importance_command
 from cofitune_plugin.cli import search as search_command
 from cofitune_plugin.evaluation import greedy_generate
 from cofitune_plugin.selection import select
-from conftest import (
+from helpers import (
     OFFLINE_ENV,
     recipe,
     run_axolotl,

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from cofitune_plugin.cpu_threads import THREADS_VARIABLE, launcher_threads, parent_environment
-from conftest import recipe, run_axolotl, write_recipe
+from helpers import recipe, run_axolotl, write_recipe
 
 # what `accelerate launch` exports to its processes
 LAUNCHED = {THREADS_VARIABLE: "1", "ACCELERATE_DYNAMO_BACKEND": "NO"}
@@ -36,6 +36,7 @@ def test_the_parent_environment_is_what_our_parent_started_with():
     assert parent is not None and "PATH" in parent
 
 
+@pytest.mark.axolotl
 def test_a_single_process_axolotl_train_uses_every_core(tmp_path, tiny_models):
     cfg = recipe(tmp_path, tiny_models["llama"], max_steps=1)
     result = run_axolotl(

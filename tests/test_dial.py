@@ -5,7 +5,7 @@ import torch
 
 from cofitune_plugin.dial import Dial, DialError, check_same_base, selection_values
 from cofitune_plugin.selection import select
-from conftest import tiny_model
+from helpers import tiny_model
 
 
 def tuned_copy(seed: int = 1):

@@ -16,7 +16,7 @@ from cofitune_plugin.evaluation import (
     read_examples,
     speciality,
 )
-from conftest import build_tiny_model
+from helpers import build_tiny_model
 
 GSM8K = r"####\s*(-?[\d,]*\.?\d+)"
 

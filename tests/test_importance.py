@@ -18,7 +18,7 @@ from cofitune_plugin.importance import (
     normalize,
     save_importance,
 )
-from conftest import VOCAB_SIZE, tiny_model
+from helpers import VOCAB_SIZE, tiny_model
 
 LAYER_PREFIX = {"gpt_neox": "gpt_neox.layers"}
 

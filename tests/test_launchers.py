@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import recipe, run_axolotl, soft_mask_block, write_equal_length_dataset, write_recipe
+from helpers import recipe, run_axolotl, soft_mask_block, write_equal_length_dataset, write_recipe
 
 SELECTED = {
     f"model.layers.{layer}.{module}.weight"
@@ -77,6 +77,7 @@ def weights(out_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(out_dir / "model.safetensors")
 
 
+@pytest.mark.axolotl
 @pytest.mark.parametrize("run", ["ddp-gradient", "ddp-update"])
 def test_ddp_on_two_cpu_processes_changes_exactly_the_selection(trained, tiny_models, run):
     base = weights(tiny_models["llama"])
@@ -85,6 +86,7 @@ def test_ddp_on_two_cpu_processes_changes_exactly_the_selection(trained, tiny_mo
     assert {name for name in base if not torch.equal(base[name], after[name])} == SELECTED
 
 
+@pytest.mark.axolotl
 @pytest.mark.parametrize("run", ["ddp-gradient", "ddp-update"])
 def test_ddp_with_soft_masks_matches_one_process_over_the_same_global_batch(
     trained, tiny_models, run

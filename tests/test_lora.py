@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from cofitune_plugin.importance import model_fingerprint
 from cofitune_plugin.lora import lora_b_masks, lora_parameters, target_modules_regex
 from cofitune_plugin.selection import SelectionError, select
-from conftest import (
+from helpers import (
     expected_row_keep,
     masked_and_plain_step,
     recipe,

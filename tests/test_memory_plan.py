@@ -18,7 +18,7 @@ from cofitune_plugin.memory_plan import (
     recipe_setup,
 )
 from cofitune_plugin.selection import select
-from conftest import run_axolotl, tiny_config
+from helpers import run_axolotl, tiny_config
 
 # hidden 8, FFN 16, 4 layers, 2 query heads of 4 and 1 key/value head (kv width 4), vocab 10
 SIZES = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 4, "vocab_size": 10}
@@ -109,6 +109,7 @@ def test_recipe_setup_reads_the_launcher_from_the_recipe(shape):
     assert (masked.launcher, masked.update_mask) == ("single", True)
 
 
+@pytest.mark.axolotl
 def test_axolotl_cofitune_plan_prints_the_plan_of_a_recipe(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     result = run_axolotl(

@@ -8,7 +8,7 @@ import torch
 from axolotl.cli.config import load_cfg
 from safetensors.torch import load_file
 
-from conftest import (
+from helpers import (
     expected_row_keep,
     masked_and_plain_step,
     recipe,
@@ -41,6 +41,7 @@ EXPECTED_TRAINED = {
 }
 
 
+@pytest.mark.axolotl
 @pytest.mark.parametrize("model_type", sorted(EXPECTED_TRAINED))
 def test_axolotl_train_changes_exactly_the_selected_parameters(tmp_path, tiny_models, model_type):
     cfg_path = write_recipe(tmp_path, recipe(tmp_path, tiny_models[model_type]))
@@ -127,6 +128,7 @@ def test_unmapped_architecture_is_refused_by_model_type(tmp_path):
     ]
 
 
+@pytest.mark.axolotl
 @pytest.mark.parametrize(
     "plugins",
     [["cofitune_plugin_not_installed.CoFiTunePlugin"], None],
@@ -140,6 +142,7 @@ def test_recipe_without_a_working_plugin_never_trains(tmp_path, tiny_models, plu
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+@pytest.mark.axolotl
 @pytest.mark.parametrize(
     ("apply_to", "optimizer"), [("update", "adamw_torch"), ("gradient", "sgd")]
 )
@@ -171,6 +174,7 @@ def test_soft_mask_scales_each_rows_change_by_one_minus_importance(
     assert all(torch.equal(deltas[True][n], deltas[False][n]) for n in untouched)
 
 
+@pytest.mark.axolotl
 def test_resuming_from_a_checkpoint_continues_the_masked_run_exactly(
     tmp_path, tiny_models, llama_importance
 ):

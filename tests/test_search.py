@@ -21,7 +21,7 @@ from cofitune_plugin.search import (
     split_window,
 )
 from cofitune_plugin.selection import select
-from conftest import recipe, search_block, tiny_config
+from helpers import recipe, search_block, tiny_config
 
 BASE = BaseRecord(speciality=2.0, retention_nll=1.0, seconds=0.0, fingerprint="f", answers=[])
 

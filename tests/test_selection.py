@@ -12,7 +12,7 @@ from cofitune_plugin.selection import (
     resolve_layers,
     select,
 )
-from conftest import tiny_config
+from helpers import tiny_config
 
 
 @pytest.mark.parametrize(

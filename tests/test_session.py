@@ -6,7 +6,7 @@ import torch
 from peft import LoraConfig
 
 from cofitune_plugin.session import Session, exact_patterns
-from conftest import recipe, write_recipe
+from helpers import recipe, write_recipe
 
 pytestmark = pytest.mark.axolotl
 

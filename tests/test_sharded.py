@@ -21,7 +21,7 @@ from filelock import FileLock
 from safetensors.torch import load_file
 from test_launchers import SELECTED, free_port
 
-from conftest import recipe, run_axolotl, soft_mask_block, write_equal_length_dataset, write_recipe
+from helpers import recipe, run_axolotl, soft_mask_block, write_equal_length_dataset, write_recipe
 
 HARNESS = Path(__file__).parent / "harness"
 ZERO_CONFIG = {
@@ -123,6 +123,7 @@ def one_process(tmp_path_factory, tiny_models, llama_importance) -> dict[str, di
     return {mode: load_file(shared / mode / "out" / "model.safetensors") for mode in MODES}
 
 
+@pytest.mark.axolotl
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_soft_masks_on_two_cpu_processes_match_one_process(
     engine, tmp_path, tiny_models, llama_importance, one_process
@@ -165,6 +166,7 @@ def test_flat_rows_pairs_every_element_of_a_partition_with_its_rows_factor():
             assert torch.equal(values, expected), (start, length)
 
 
+@pytest.mark.axolotl
 def test_zero3_recipe_importance_is_the_one_process_artifact(
     tmp_path, tiny_models, llama_importance
 ):

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from cofitune_plugin.importance import NormalizedImportance
 from cofitune_plugin.selection import Selection, select
 from cofitune_plugin.softmask import SoftMask, SoftMaskError, row_masks
-from conftest import VOCAB_SIZE, tiny_model
+from helpers import VOCAB_SIZE, tiny_model
 
 N_HEADS, N_KV_HEADS, HEAD_DIM, D_FF, D_MODEL = 4, 2, 8, 64, 32
 # Exactness checks run in float64: float32 cannot resolve a small change of a larger weight.

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from cofitune_plugin.evaluation import lm_eval_results, lm_eval_tasks
 from cofitune_plugin.tasks import ALL_TASKS, KEPT_TASKS, TASKS_DIR, utils
-from conftest import tiny_config, write_tokenizer
+from helpers import tiny_config, write_tokenizer
 
 # Per task: its file, the number of rows, and its first doc as the file gives it.
 FIRST_DOCS = {

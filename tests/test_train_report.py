@@ -26,7 +26,7 @@ from cofitune_plugin.train_report import (
     report_on,
     write_dial,
 )
-from conftest import SENTENCES, build_tiny_model, recipe, run_axolotl, search_block, write_recipe
+from helpers import SENTENCES, build_tiny_model, recipe, run_axolotl, search_block, write_recipe
 
 ANY_TEXT = r"(?s)(.+)"  # exact match of the whole generation
 NEW_TOKENS = 6
