@@ -7,6 +7,9 @@ Hooks used, in Axolotl's order:
   models) apply; or, for `cofitune-lora`/`cofitune-qlora`, as Axolotl's built-in `lora`/`qlora`
   adapter with an exact `lora_target_modules` regex, so Axolotl's own LoRA and 4-bit loading
   (it quantizes only for `adapter: qlora`) and their validators apply.
+- `on_config_validation_error`: Axolotl rejected the config after `register` rewrote it; put
+  back what `register` wrote (`adapter`, `unfrozen_parameters`, ...), so that the same dict,
+  loaded again, is judged on what the user wrote.
 - `get_adapter_capabilities` / `load_adapter`: register the `cofitune` adapter. Axolotl refuses an
   adapter no plugin registered, which is what stops a recipe whose plugin failed to import; the
   LoRA names are not registered at all, since `register` replaces them before validation, so
@@ -20,9 +23,11 @@ Hooks used, in Axolotl's order:
   that finds weights newer than the start of training, once.
 """
 
+import copy
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
@@ -57,12 +62,18 @@ from cofitune_plugin.softmask import SoftMask, check_masks, row_masks
 # Axolotl shows INFO only from loggers under "axolotl", where its own integrations live.
 LOG = get_logger("axolotl.integrations.cofitune")
 
+REWRITTEN_KEYS = ("adapter", "cofitune", "lora_target_modules", "max_memory", "unfrozen_parameters")
+"""The recipe keys `register` may write, before Axolotl validates the config."""
+_ABSENT = object()
+
 
 class CoFiTunePlugin(BasePlugin):
     """Axolotl plugin adding the `cofitune` fine-tuning mode."""
 
     _trainer_created: float | None = None  # when `post_trainer_create` ran (epoch seconds)
     _reported: bool = False
+    # The config `register` last rewrote, and its REWRITTEN_KEYS as they were before.
+    _registered: tuple[dict, dict[str, Any]] | None = None
 
     def get_input_args(self) -> str:
         return "cofitune_plugin.args.CoFiTuneArgs"
@@ -71,6 +82,10 @@ class CoFiTunePlugin(BasePlugin):
         return [AdapterCapabilities(name=ADAPTER, lora_like=False, relora=False)]
 
     def register(self, cfg: dict) -> None:
+        self._registered = (
+            cfg,
+            {key: copy.deepcopy(cfg[key]) if key in cfg else _ABSENT for key in REWRITTEN_KEYS},
+        )
         if threads := use_every_core():
             LOG.info(
                 "cofitune: no accelerator: %d CPU threads per process, in place of the "
@@ -114,6 +129,22 @@ class CoFiTunePlugin(BasePlugin):
             len(selection.layers),
             patterns,
         )
+
+    def on_config_validation_error(self, cfg: dict) -> None:
+        """Axolotl rejected the config `register` rewrote: put back the keys it wrote as the user
+        had them. A caller that loads the same dict again (corrected, or in a notebook) would
+        otherwise have it refused for what `register` wrote (`adapter: lora`, a second
+        `unfrozen_parameters`), not for what the user wrote. Process-wide set-up (CPU threads,
+        CPU DDP) stays: it follows from how the process was launched, not from this config."""
+        if self._registered is None or self._registered[0] is not cfg:
+            return
+        _, before = self._registered
+        self._registered = None
+        for key, value in before.items():
+            if value is _ABSENT:
+                cfg.pop(key, None)
+            else:
+                cfg[key] = value
 
     def load_adapter(
         self, model: nn.Module, cfg: DictDefault, inference: bool = False, config_only: bool = False

@@ -1,13 +1,19 @@
 """The plugin inside real Axolotl: `axolotl train` trains exactly the selection, bad recipes stop
 at config time, and a recipe whose plugin did not load never becomes a full fine-tune."""
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from axolotl.cli.config import load_cfg
+from axolotl.utils.dict import DictDefault
+from pydantic import ValidationError
 from safetensors.torch import load_file
 
+from cofitune_plugin.plugin import REWRITTEN_KEYS
+from cofitune_plugin.search import CHOSEN_FILE
 from helpers import (
     expected_row_keep,
     masked_and_plain_step,
@@ -126,6 +132,38 @@ def test_unmapped_architecture_is_refused_by_model_type(tmp_path):
         "^transformer.h.(2|3).mlp.c_fc.weight$",
         "^transformer.h.(2|3).mlp.c_fc.bias$",
     ]
+
+
+@pytest.mark.parametrize("case", ["cofitune", "cofitune-lora", "from_search"])
+def test_a_config_axolotl_rejects_is_left_as_the_user_wrote_it(tmp_path, tiny_models, case):
+    """`register` rewrites the recipe (`unfrozen_parameters`, `adapter: lora`, the search's
+    choice) before Axolotl validates it. When Axolotl then rejects the config, the caller's dict
+    must be as the user wrote it, so that loading it again, corrected, is judged on that."""
+    search = tmp_path / "search"
+    search.mkdir()
+    (search / CHOSEN_FILE).write_text(yaml.safe_dump({"layers": "2-3", "modules": ["mha"]}))
+    block = {"from_search": str(search)} if case == "from_search" else {}
+    adapter = "cofitune-lora" if case == "cofitune-lora" else "cofitune"
+    cfg = DictDefault(
+        recipe(
+            tmp_path,
+            tiny_models["llama"],
+            adapter=adapter,
+            cofitune=block,
+            warmup_steps=1,
+            warmup_ratio=0.1,  # Axolotl's validation: mutually exclusive with warmup_steps
+        )
+    )
+    written = {key: copy.deepcopy(cfg.get(key)) for key in REWRITTEN_KEYS}
+    with pytest.raises(ValidationError, match="warmup_steps and warmup_ratio are mutually"):
+        load_cfg(cfg)
+    assert {key: cfg.get(key) for key in REWRITTEN_KEYS} == written
+
+    del cfg["warmup_ratio"]
+    loaded = load_cfg(cfg)
+    assert loaded.adapter == {"cofitune-lora": "lora"}.get(case, "cofitune")
+    trained = loaded.lora_target_modules or "".join(loaded.unfrozen_parameters)
+    assert ("q_proj" if case == "from_search" else "up_proj") in trained
 
 
 @pytest.mark.axolotl
