@@ -7,7 +7,7 @@ untied head), big enough that weights, gradients and optimizer state dominate, s
 its own process so that its peak RSS is its own:
 
 - `full`: every parameter trains;
-- `cofitune`: `ffn` in `25%-50%` (the package's `select_parameters`);
+- `cofitune`: `ffn` in `25%-50%` (the package's `select`);
 - `cofitune_update`: the same with the update soft mask (`row_masks` + `SoftMask`) built from an
   importance of random gate gradients normalised by the package's `normalize`: its cost does not
   depend on the values;
