@@ -96,8 +96,7 @@ def build_model():
 
 def update_mask(model, selection):
     """The update soft mask of `selection`, from random importance through the package's code."""
-    from cofitune_plugin.importance import NormalizedImportance, normalize
-    from cofitune_plugin.softmask import SoftMask, row_masks
+    from cofitune_plugin.softmask import NormalizedImportance, SoftMask, normalize, row_masks
 
     config = model.config
     layers, generator = config.num_hidden_layers, torch.Generator().manual_seed(0)

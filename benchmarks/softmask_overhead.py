@@ -36,14 +36,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from cofitune_plugin.importance import (
-    NormalizedImportance,
-    RawImportance,
-    compute_importance,
-    normalize,
-)
+from cofitune_plugin.importance import RawImportance, compute_importance
 from cofitune_plugin.selection import Selection, select
-from cofitune_plugin.softmask import SoftMask, row_masks
+from cofitune_plugin.softmask import SoftMask, combine, row_masks
 
 VARIANTS = ("unmasked", "gradient", "update")
 GOALS = {"cpu": 1.03, "cuda": 1.02}
@@ -391,12 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Warm-up round 0: one importance batch gives the masks (their values do not change the
     # cost); then the masks are checked, which is also the update optimizer's first step.
     raw = importance_of(batches[0])
-    importance = NormalizedImportance(
-        head=normalize(raw.head),
-        intermediate=normalize(raw.intermediate),
-        output=normalize(raw.output),
-    )
-    masks = row_masks(model, selection, importance)
+    masks = row_masks(model, selection, combine([raw.tensors()]))
     # the update mask's hooks hold it: it masks every step of its optimizer from here on
     SoftMask(model, masks, "update").attach_optimizer(optimizers["update"])
     checks = check_masks(model, batches[0], masks, optimizers, autocast, args.lr)

@@ -41,9 +41,9 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
 
     from cofitune_plugin.architectures import architecture_for
     from cofitune_plugin.args import RecipeError, check_recipe
-    from cofitune_plugin.importance import (
+    from cofitune_plugin.importance import compute_importance
+    from cofitune_plugin.importance_store import (
         MANIFEST_FILE,
-        compute_importance,
         data_fingerprint,
         model_manifest,
         save_importance,

@@ -52,7 +52,7 @@ from cofitune_plugin.args import (
 )
 from cofitune_plugin.cpu_ddp import enable_cpu_ddp
 from cofitune_plugin.cpu_threads import use_every_core
-from cofitune_plugin.importance import MANIFEST_FILE, load_importance, model_manifest
+from cofitune_plugin.importance_store import MANIFEST_FILE, load_importance, model_manifest
 from cofitune_plugin.lora import lora_b_masks, lora_parameters, target_modules_regex
 from cofitune_plugin.search import read_chosen
 from cofitune_plugin.selection import Selection, select

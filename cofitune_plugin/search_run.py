@@ -147,7 +147,7 @@ class SearchTrials:
         self.load_seconds += time.perf_counter() - start
 
     def base(self) -> BaseRecord:
-        from cofitune_plugin.importance import model_fingerprint
+        from cofitune_plugin.importance_store import model_fingerprint
 
         recorded = self.records.base()
         if recorded is not None:
@@ -177,7 +177,7 @@ class SearchTrials:
     def run(self, candidate: Candidate) -> TrialRecord:
         from axolotl.utils.dict import DictDefault
 
-        from cofitune_plugin.importance import model_fingerprint
+        from cofitune_plugin.importance_store import model_fingerprint
 
         if self.session is None:
             self._load(candidate.window, candidate.modules)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.hooks import RemovableHandle
 
-from cofitune_plugin import importance
+from cofitune_plugin import importance_store
 from cofitune_plugin.softmask import PlainPlacement
 
 
@@ -134,10 +134,10 @@ def sampled_values(param: Tensor, count: int) -> tuple[torch.Size, Tensor]:
     it holds and one all-reduce of `count` numbers completes them, instead of gathering the
     parameter."""
     if not hasattr(param, "ds_id"):
-        return importance.sampled_values(param, count)
+        return importance_store.sampled_values(param, count)
     shape = param.ds_shape
     local = param.ds_tensor.detach()
-    positions = importance.sample_positions(shape.numel(), count).to(local.device)
+    positions = importance_store.sample_positions(shape.numel(), count).to(local.device)
     start = dist.get_rank(param.ds_process_group) * param.ds_tensor.ds_numel
     here = (positions >= start) & (positions < start + local.numel())
     values = torch.zeros(count, dtype=torch.float32, device=local.device)

@@ -4,6 +4,8 @@ A row of a projection's weight produces one output unit, so its gradient (or upd
 1 - I of the unit it produces: up-projection rows by their intermediate neuron, down-projection
 rows by their FFN output dimension, query/key/value rows by their attention head. Row-aligned, as
 the paper intends (the original code tiled masks over flat ZeRO shards, which scrambles rows).
+I itself is made here too from the measured importance (`normalize`, `combine`), so the whole
+rule, raw importance -> I -> 1 - I per row -> what training does, reads in this one file.
 
 Two ways to apply them:
 - `gradient` (the paper): scale each gradient as autograd produces it.
@@ -12,7 +14,9 @@ Two ways to apply them:
   gradient mask only bites where s is tiny; masking the update gives the intended effect.
 """
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
@@ -20,8 +24,41 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from cofitune_plugin.importance import NormalizedImportance
+from cofitune_plugin.importance import UNITS
 from cofitune_plugin.selection import Selection, split_layer_name
+
+
+@dataclass
+class NormalizedImportance:
+    """Importance I in [0, 1) per unit, shaped like `RawImportance`; soft masks scale by 1 - I."""
+
+    head: Tensor
+    intermediate: Tensor
+    output: Tensor
+
+
+def normalize(raw: Tensor) -> Tensor:
+    """Per layer (row): z-score over the layer's units, then |tanh(z)|, giving I in [0, 1).
+
+    Uses the unbiased standard deviation, as DAS does. A row whose units are all equal carries
+    no ranking, so it maps to zeros (no protection) rather than to NaN.
+    """
+    raw = raw.float()
+    mean = raw.mean(dim=1, keepdim=True)
+    std = raw.std(dim=1, keepdim=True)
+    z = torch.where(std > 0, (raw - mean) / std, torch.zeros_like(raw))
+    return torch.tanh(z).abs()
+
+
+def combine(runs: Sequence[Mapping[str, Tensor]]) -> NormalizedImportance:
+    """I of one or more importance runs (raw tensors by unit): each run normalised, then the
+    elementwise max, so a unit is protected if any run needs it."""
+    return NormalizedImportance(
+        **{
+            unit: functools.reduce(torch.maximum, (normalize(run[unit]) for run in runs))
+            for unit in UNITS
+        }
+    )
 
 
 class SoftMaskError(ValueError):

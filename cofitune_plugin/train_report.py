@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 
 from cofitune_plugin.args import SearchWeights
 from cofitune_plugin.dial import Dial
-from cofitune_plugin.importance import model_fingerprint
+from cofitune_plugin.importance_store import model_fingerprint
 from cofitune_plugin.jsonl import append_record, read_records
 from cofitune_plugin.report import dial_plot
 from cofitune_plugin.scoring import Evaluator, ModelEval

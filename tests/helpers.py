@@ -237,7 +237,7 @@ def expected_row_keep(importance: Path, layer: int) -> dict[str, torch.Tensor]:
     (4 heads of 8 dims, 2 kv heads) from the raw importance, to check `softmask` against."""
     from safetensors.torch import load_file
 
-    from cofitune_plugin.importance import normalize
+    from cofitune_plugin.softmask import normalize
 
     raw = load_file(importance / "importance.safetensors")
     keep = {unit: 1 - normalize(raw[unit]) for unit in raw}

@@ -11,7 +11,7 @@ from axolotl.cli.config import load_cfg
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
-from cofitune_plugin.importance import model_fingerprint
+from cofitune_plugin.importance_store import model_fingerprint
 from cofitune_plugin.lora import lora_b_masks, lora_parameters, target_modules_regex
 from cofitune_plugin.selection import SelectionError, select
 from helpers import (

@@ -22,7 +22,7 @@ from axolotl.utils.dict import DictDefault
 from axolotl.utils.freeze import LayerNamePattern
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from cofitune_plugin.importance import MANIFEST_FILE
+from cofitune_plugin.importance_store import MANIFEST_FILE
 from cofitune_plugin.plugin import importance_dirs
 from cofitune_plugin.search import CHOSEN_FILE
 

@@ -12,9 +12,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from cofitune_plugin.importance import NormalizedImportance
 from cofitune_plugin.selection import Selection, select
-from cofitune_plugin.softmask import SoftMask, SoftMaskError, row_masks
+from cofitune_plugin.softmask import (
+    NormalizedImportance,
+    SoftMask,
+    SoftMaskError,
+    normalize,
+    row_masks,
+)
 from helpers import VOCAB_SIZE, tiny_model
 
 N_HEADS, N_KV_HEADS, HEAD_DIM, D_FF, D_MODEL = 4, 2, 8, 64, 32
@@ -372,3 +377,14 @@ def test_ddp_on_two_processes_matches_one_process_on_the_full_batch(tmp_path):
         distributed = torch.load(tmp_path / f"{apply_to}.pt")
         for name, value in single.items():
             torch.testing.assert_close(distributed[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_normalize_is_per_row_zscore_then_abs_tanh():
+    raw = torch.tensor([[1.0, 2.0, 3.0, 10.0], [-5.0, 0.0, 0.0, 5.0], [7.0, 7.0, 7.0, 7.0]])
+    normalized = normalize(raw)
+    for row, expected_row in zip(raw[:2], normalized[:2]):
+        z = (row - row.mean()) / row.std()
+        torch.testing.assert_close(expected_row, torch.tanh(z).abs())
+    assert torch.equal(normalized[2], torch.zeros(4))
+    big = normalize(torch.randn(8, 64) * 1e3)
+    assert (big >= 0).all() and (big < 1).all()

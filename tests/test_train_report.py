@@ -13,7 +13,7 @@ from cofitune_plugin.answers import extract_answer
 from cofitune_plugin.args import EvalSettings
 from cofitune_plugin.dial import selection_values
 from cofitune_plugin.evaluation import greedy_generate, read_examples
-from cofitune_plugin.importance import model_fingerprint
+from cofitune_plugin.importance_store import model_fingerprint
 from cofitune_plugin.search import BaseRecord, SearchRecords
 from cofitune_plugin.selection import select
 from cofitune_plugin.train_report import (
