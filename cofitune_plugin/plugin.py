@@ -9,7 +9,8 @@ Hooks used, in Axolotl's order:
   (it quantizes only for `adapter: qlora`) and their validators apply.
 - `on_config_validation_error`: Axolotl rejected the config after `register` rewrote it; put
   back what `register` wrote (`adapter`, `unfrozen_parameters`, ...), so that the same dict,
-  loaded again, is judged on what the user wrote.
+  loaded again, is judged on what the user wrote. `register` does the same when it refuses the
+  recipe itself after writing part of it.
 - `get_adapter_capabilities` / `load_adapter`: register the `cofitune` adapter. Axolotl refuses an
   adapter no plugin registered, which is what stops a recipe whose plugin failed to import; the
   LoRA names are not registered at all, since `register` replaces them before validation, so
@@ -86,6 +87,15 @@ class CoFiTunePlugin(BasePlugin):
             cfg,
             {key: copy.deepcopy(cfg[key]) if key in cfg else _ABSENT for key in REWRITTEN_KEYS},
         )
+        try:
+            self._hand_over(cfg)
+        except Exception:
+            # refused here rather than by Axolotl's validation: the same clean-up
+            self.on_config_validation_error(cfg)
+            raise
+
+    def _hand_over(self, cfg: dict) -> None:
+        """Check the recipe and write the selection into `cfg` in Axolotl's own terms."""
         if threads := use_every_core():
             LOG.info(
                 "cofitune: no accelerator: %d CPU threads per process, in place of the "

@@ -166,6 +166,22 @@ def test_a_config_axolotl_rejects_is_left_as_the_user_wrote_it(tmp_path, tiny_mo
     assert ("q_proj" if case == "from_search" else "up_proj") in trained
 
 
+def test_a_search_choice_the_plugin_refuses_is_read_again_once_corrected(tmp_path, tiny_models):
+    """`register` writes the search's choice into the block, then resolves it; when that fails,
+    the block must still name the search, so that the corrected choice is what loads next."""
+    search = tmp_path / "search"
+    search.mkdir()
+    (search / CHOSEN_FILE).write_text(yaml.safe_dump({"layers": "2-3", "modules": ["w1"]}))
+    cfg = DictDefault(recipe(tmp_path, tiny_models["llama"], cofitune={"from_search": str(search)}))
+    written = {key: copy.deepcopy(cfg.get(key)) for key in REWRITTEN_KEYS}
+    with pytest.raises(ValueError, match=r"cofitune.modules: \['w1'\] match no parameter"):
+        load_cfg(cfg)
+    assert {key: cfg.get(key) for key in REWRITTEN_KEYS} == written
+
+    (search / CHOSEN_FILE).write_text(yaml.safe_dump({"layers": "2-3", "modules": ["mha"]}))
+    assert "q_proj" in "".join(load_cfg(cfg).unfrozen_parameters)
+
+
 @pytest.mark.axolotl
 @pytest.mark.parametrize(
     "plugins",
