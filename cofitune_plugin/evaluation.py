@@ -152,19 +152,6 @@ def answer_scores(
     return scores
 
 
-def answer_nll(
-    model: PreTrainedModel,
-    prompts: list[list[int]],
-    answers: list[list[int]],
-    pad_token_id: int,
-    batch_size: int,
-    desc: str = "score",
-) -> tuple[float, float]:
-    """(mean NLL per answer token, share of answer tokens that are the model's argmax), both
-    over all answer tokens of all examples, under teacher forcing."""
-    return pooled(answer_scores(model, prompts, answers, pad_token_id, batch_size, desc))
-
-
 def pooled(scores: list[AnswerScore]) -> tuple[float, float]:
     """(mean NLL per answer token, greedy agreement) over all answer tokens of `scores`."""
     tokens = sum(s.tokens for s in scores)
@@ -184,9 +171,10 @@ def speciality(
     if metric == "loss":
         prompts, references = _with_answers(examples)
         answers = [encode_answer(tokenizer, r) for r in references]
-        return answer_nll(
+        scores = answer_scores(
             model, prompts, answers, tokenizer.pad_token_id, batch_size, "speciality"
-        )[0]
+        )
+        return pooled(scores)[0]
     hits = speciality_hits(model, tokenizer, examples, answer_regex, max_new_tokens, batch_size)
     return sum(hits) / len(hits)
 

@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from cofitune_plugin.evaluation import (
-    answer_nll,
+    answer_scores,
     encode_answer,
     greedy_generate,
     lm_eval_results,
+    pooled,
     read_examples,
     speciality,
 )
@@ -41,7 +42,9 @@ def test_greedy_answers_score_full_agreement_under_the_model_that_wrote_them(mod
     assert all(len(a) == 6 or a[-1] == tokenizer.eos_token_id for a in answers)
     assert answers == greedy_generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=1)
 
-    nll, agreement = answer_nll(model, prompts, answers, tokenizer.pad_token_id, batch_size=1)
+    nll, agreement = pooled(
+        answer_scores(model, prompts, answers, tokenizer.pad_token_id, batch_size=1)
+    )
     assert agreement == 1.0  # teacher-forced argmax is, by definition, the greedy token
 
     expected = []
@@ -55,8 +58,8 @@ def test_batching_and_padding_do_not_change_the_scores(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     prompts = [tokenizer(t)["input_ids"] for t in ("Tom buys 3 apples", "A", "Share 12 sweets")]
     answers = [tokenizer(t)["input_ids"] for t in ("#### 6", "Step 1: 7 + 3 = 10.", "x")]
-    one = answer_nll(model, prompts, answers, tokenizer.pad_token_id, batch_size=1)
-    three = answer_nll(model, prompts, answers, tokenizer.pad_token_id, batch_size=3)
+    one = pooled(answer_scores(model, prompts, answers, tokenizer.pad_token_id, batch_size=1))
+    three = pooled(answer_scores(model, prompts, answers, tokenizer.pad_token_id, batch_size=3))
     assert three == pytest.approx(one, rel=1e-5)
     alone = greedy_generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=1)
     padded = greedy_generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=3)
@@ -98,12 +101,14 @@ def test_speciality_by_loss_is_the_nll_of_the_reference_answers(tmp_path, model_
     ]
     examples = read_examples(write_jsonl(tmp_path / "e.jsonl", rows), tokenizer)
     loss = speciality(model, tokenizer, examples, "loss", GSM8K, 8, batch_size=2)
-    expected, _ = answer_nll(
-        model,
-        [e.prompt_ids for e in examples],
-        [encode_answer(tokenizer, r["answer"]) for r in rows],
-        tokenizer.pad_token_id,
-        batch_size=1,
+    expected, _ = pooled(
+        answer_scores(
+            model,
+            [e.prompt_ids for e in examples],
+            [encode_answer(tokenizer, r["answer"]) for r in rows],
+            tokenizer.pad_token_id,
+            batch_size=1,
+        )
     )
     assert loss == pytest.approx(expected, rel=1e-5)
     match = speciality(model, tokenizer, examples, "exact_match", GSM8K, 4, batch_size=2)

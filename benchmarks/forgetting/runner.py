@@ -21,14 +21,8 @@ from pathlib import Path
 from methods import Method, all_methods, trainable_names
 from scores import BASE_FILE, RUNS_FILE, read_runs
 
+from cofitune_plugin import evaluation as plugin_evaluation
 from cofitune_plugin.dial import Dial
-from cofitune_plugin.evaluation import (
-    answer_nll,
-    greedy_generate,
-    lm_eval_results,
-    read_examples,
-    speciality,
-)
 from cofitune_plugin.jsonl import append_record
 from cofitune_plugin.session import Session, checkpoint_values, exact_patterns
 
@@ -77,17 +71,17 @@ class MethodRuns:
         self.session = Session(work / "recipe.yml", **overrides)
         self.tokenizer = self.session.tokenizer
         evaluation = plan["evaluation"]
-        self.special = read_examples(
+        self.special = plugin_evaluation.read_examples(
             evaluation["speciality_data"], self.tokenizer, evaluation["speciality_limit"]
         )
-        self.general = read_examples(
+        self.general = plugin_evaluation.read_examples(
             evaluation["prompts"], self.tokenizer, evaluation["prompts_limit"]
         )
 
     def measure_base(self) -> dict:
         evaluation = self.plan["evaluation"]
         prompts = [e.prompt_ids for e in self.general]
-        answers = greedy_generate(
+        answers = plugin_evaluation.greedy_generate(
             self.session.model,
             self.tokenizer,
             prompts,
@@ -177,7 +171,7 @@ class MethodRuns:
     def _evaluate(self, base_answers: list[list[int]], model) -> dict:
         evaluation = self.plan["evaluation"]
         start = time.perf_counter()
-        exact = speciality(
+        exact = plugin_evaluation.speciality(
             model,
             self.tokenizer,
             self.special[: evaluation["exact_match_limit"]],
@@ -186,22 +180,24 @@ class MethodRuns:
             evaluation["speciality_tokens"],
             evaluation["batch_size"],
         )
-        heldout = speciality(
+        heldout = plugin_evaluation.speciality(
             model, self.tokenizer, self.special, "loss", "", 0, evaluation["batch_size"]
         )
-        retention, agreement = answer_nll(
-            model,
-            [e.prompt_ids for e in self.general],
-            base_answers,
-            self.tokenizer.pad_token_id,
-            evaluation["batch_size"],
-            desc="versatility",
+        retention, agreement = plugin_evaluation.pooled(
+            plugin_evaluation.answer_scores(
+                model,
+                [e.prompt_ids for e in self.general],
+                base_answers,
+                self.tokenizer.pad_token_id,
+                evaluation["batch_size"],
+                desc="versatility",
+            )
         )
-        bench = {
-            task: lm_eval_results(model, self.tokenizer, [task], None, limit, batch)[task]
-            for task, limit in evaluation["bench"].items()
-            for batch in [evaluation["bench_batch_size"]]
-        }
+        bench = {}
+        for task, limit in evaluation["bench"].items():
+            bench |= plugin_evaluation.lm_eval_results(
+                model, self.tokenizer, [task], None, limit, evaluation["bench_batch_size"]
+            )
         return {
             "exact_match": exact,
             "bench": {task: result.metrics["acc_norm"] for task, result in bench.items()},
