@@ -59,7 +59,8 @@ def all_methods(learning_rates: dict[str, list[float]]) -> list[Method]:
         "modules": "ffn",
     }
     # Base first (every run's reference), full fine-tuning next (the Spec reference), then the
-    # rows the question is about: a run stopped by time still answers it.
+    # rows the question is about, then the other methods by how often users pick them: a run
+    # stopped by time still answers the question.
     return [
         Method("base", "base", description="the aligned model, not trained"),
         Method("full", "full", full, "full fine-tuning"),
@@ -80,8 +81,6 @@ def all_methods(learning_rates: dict[str, list[float]]) -> list[Method]:
             soft_mask="update",
             **cofitune,
         ),
-        Method("hft", "params", selection, "HFT: a random half of each layer's matrices"),
-        Method("spectrum", "params", selection, "Spectrum: top 25% weight SNR per module type"),
         Method(
             "lora",
             "lora",
@@ -89,6 +88,8 @@ def all_methods(learning_rates: dict[str, list[float]]) -> list[Method]:
             "LoRA r=16, alpha=32, on all linear layers (PEFT `all-linear`)",
             lora={"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"},
         ),
+        Method("hft", "params", selection, "HFT: a random half of each layer's matrices"),
+        Method("spectrum", "params", selection, "Spectrum: top 25% weight SNR per module type"),
         Method("freeze", "params", selection, "LLaMA-Factory freeze: the last 25% of layers"),
         Method(
             "cofitune+mask-gradient",
