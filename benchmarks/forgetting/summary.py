@@ -90,6 +90,12 @@ def summarize(
         "reference_exact_match": reference,
         "base": {k: v for k, v in base.items() if k != "answers"},
         "rows": rows,
+        # Methods of the plan without a record yet (a run stopped before them): said, not hidden.
+        "not_run": [
+            m.name
+            for m in methods
+            if m.kind != "base" and m.name not in {r["method"] for r in rows}
+        ],
         "forgetting": _forgetting(rows, base),
         "goal": _goal(rows),
     }
@@ -199,6 +205,8 @@ def markdown(results: dict) -> str:
             + f" | {_fmt(row['vers_bench'])} | {_fmt(row['vers_retention'])} "
             f"| {row['seconds_per_step']:.2f} | {', '.join(row['dominated_by']['vers_bench'])} |"
         )
+    if results["not_run"]:
+        lines += ["", f"**Not run** (the run was stopped first): {', '.join(results['not_run'])}."]
     lines += ["", "Full fine-tuning's change from the base (does this budget forget?):", ""]
     lines += ["| lr | exact match | mean bench accuracy | Vers ret. |", "|---" * 4 + "|"]
     for rate, change in results["forgetting"].items():
