@@ -9,11 +9,10 @@ the rule (month names and numbers, day-first and month-first orders, ordinals) i
 from __future__ import annotations
 
 import datetime
-import json
 import random
 from pathlib import Path
 
-from cofitune_plugin.demo.math_domain import GENERAL_PROMPTS
+from cofitune_plugin.demo.math_domain import GENERAL_PROMPTS, write_jsonl
 
 ANSWER_REGEX = r"####\s*(\d{4}-\d{2}-\d{2})"
 ORDINALS = [
@@ -84,7 +83,6 @@ def write_dates_dataset(
         "dev": rows[n_train + n_eval :],
     }
     for name, part in parts.items():
-        paths[name].write_text("".join(json.dumps(row) + "\n" for row in part), encoding="utf-8")
-    prompts = "".join(json.dumps({"prompt": p}) + "\n" for p in GENERAL_PROMPTS)
-    paths["general_prompts"].write_text(prompts, encoding="utf-8")
+        write_jsonl(paths[name], part)
+    write_jsonl(paths["general_prompts"], [{"prompt": p} for p in GENERAL_PROMPTS])
     return paths

@@ -290,7 +290,7 @@ def format_solution(steps: list[str], answer: int) -> str:
     return "\n".join([*lines, f"#### {answer}"])
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
+def write_jsonl(path: Path, rows: list[dict]) -> None:
     """Stable bytes: fixed key order, UTF-8, '\\n' line ends."""
     with path.open("w", encoding="utf-8", newline="\n") as f:
         for row in rows:
@@ -328,7 +328,7 @@ def write_math_dataset(out_dir: Path, n_train: int, n_eval: int, seed: int) -> d
         "eval": out_dir / "eval.jsonl",
         "general_prompts": out_dir / "general_prompts.jsonl",
     }
-    _write_jsonl(paths["train"], rows[:n_train])
-    _write_jsonl(paths["eval"], rows[n_train:])
-    _write_jsonl(paths["general_prompts"], [{"prompt": p} for p in GENERAL_PROMPTS])
+    write_jsonl(paths["train"], rows[:n_train])
+    write_jsonl(paths["eval"], rows[n_train:])
+    write_jsonl(paths["general_prompts"], [{"prompt": p} for p in GENERAL_PROMPTS])
     return paths
