@@ -227,7 +227,8 @@ class SearchTrials:
 
 def search_header(raw: dict) -> dict:
     """What trial records depend on: the recipe without the search's own shape (its levels and
-    cap may change between runs; records are matched per candidate)."""
+    cap may change between runs; records are matched per candidate) or its `weights` (they
+    only score the records: new weights re-score them without training again)."""
     from cofitune_plugin import __version__
 
     recipe = {k: v for k, v in raw.items() if k not in _NOT_IN_HEADER}
@@ -237,6 +238,8 @@ def search_header(raw: dict) -> dict:
         if k not in ("layers", "modules", "soft_mask", "from_search")
     }
     block["search"] = {
-        k: v for k, v in block["search"].items() if k not in ("levels", "max_trials", "output_dir")
+        k: v
+        for k, v in block["search"].items()
+        if k not in ("levels", "max_trials", "output_dir", "weights")
     }
     return {"recipe": {**recipe, "cofitune": block}, "plugin_version": __version__}

@@ -214,16 +214,34 @@ def trial(key: str, speciality: float, retention_nll: float, trainable: int = 1)
 
 def test_uni_normalises_speciality_to_the_best_trial_and_versatility_to_the_base():
     trials = [trial("a", 0.5, 1.25), trial("b", 1.0, 1.0)]
-    loss = score_trials(trials, BASE, "loss", SearchWeights())
+    equal = SearchWeights(speciality=1.0, versatility=1.0)
+    loss = score_trials(trials, BASE, "loss", equal)
     assert loss["a"].speciality == 1.0 and loss["b"].speciality == 0.5
     assert loss["a"].versatility == pytest.approx(0.8) and loss["b"].versatility == 1.0
     assert loss["a"].uni == pytest.approx(1.8)
     with_tasks = BaseRecord(2.0, 1.0, 0.0, "f", [], tasks={"arc": 0.5})
     trials[0].tasks, trials[1].tasks = {"arc": 0.25}, {"arc": 0.5}
-    vers = score_trials(trials, with_tasks, "loss", SearchWeights())["a"].versatility
+    vers = score_trials(trials, with_tasks, "loss", equal)["a"].versatility
     assert vers == pytest.approx((0.8 + 0.5) / 2)  # mean of retention and task ratios
     match = score_trials(trials, BASE, "exact_match", SearchWeights(speciality=2, versatility=0))
     assert match["a"].uni == pytest.approx(1.0) and match["b"].uni == pytest.approx(2.0)
+
+
+def test_default_weights_do_not_trade_the_domain_for_what_a_short_trial_keeps():
+    """The last level of the benchmark's search (README "Evidence"; 15-step trials, 100 dates):
+    `mha` kept more of the base's answers but learned less, and after 100 steps it trailed `ffn`
+    by 0.15 exact match. Equal weights chose it; the default weights choose `ffn`."""
+    base = BaseRecord(
+        speciality=0.0, retention_nll=0.6111, seconds=0.0, fingerprint="f", answers=[]
+    )
+    level = [trial("ffn", 0.79, 0.6520), trial("mha", 0.76, 0.6265), trial("ffn+mha", 0.79, 0.6860)]
+    visited = [trial("0%-50% ffn+mha", 0.80, 0.6695), *level]
+    for weights, chosen in (
+        (SearchWeights(speciality=1.0, versatility=1.0), "mha"),
+        (SearchWeights(), "ffn"),
+    ):
+        scores = score_trials(visited, base, "exact_match", weights)
+        assert max(level, key=lambda t: scores[t.key].uni).key == chosen
 
 
 def test_records_survive_a_cut_last_line_and_refuse_another_recipe(tmp_path):

@@ -4,7 +4,8 @@ On the embedded SmolLM2-135M-Instruct and a short-answer domain (dates to ISO 86
 `cofitune_plugin/demo/dates_domain.py`), with one shared budget (same data, steps, schedule), it
 trains and evaluates base, full fine-tuning at several rates (a frontier) and its WiSE-FT curve,
 LoRA, LLaMA-Factory's layer freezing, Spectrum, HFT and CoFiTune (coarse, with each soft mask,
-and as the README runs it: the search's choice with the default mask). Each model is scored on
+and as the README runs it: the search's choice with the default mask, at several rates, and its
+dial curve). Each model is scored on
 held-out exact match, general benchmarks (lm-eval tasks over packaged data) and retention. It
 writes results JSON, a Markdown table and a Pareto plot to `--docs`.
 
@@ -16,6 +17,7 @@ method (`runner.py`).
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -25,9 +27,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))
+from jobs import Job, run_jobs  # noqa: E402
 from machine import describe  # noqa: E402
-from methods import all_methods  # noqa: E402
-from scores import BASE_FILE, RUNS_FILE  # noqa: E402
+from methods import ALPHAS, INTERPOLATIONS, Method, all_methods  # noqa: E402
+from scores import BASE_FILE, RUNS_FILE, read_runs  # noqa: E402
 from summary import markdown, pareto_png, summarize  # noqa: E402
 
 from cofitune_plugin.demo.dates_domain import ANSWER_REGEX, write_dates_dataset  # noqa: E402
@@ -47,7 +50,12 @@ BUDGETS = {
     "cpu": {
         "training": "cosine schedule, AdamW, float32, dates domain (short answers)",
         "recipe": {"max_steps": 100, "micro_batch_size": 8, "bf16": False},
-        "learning_rates": {"full": [2e-5, 6e-5, 2e-4], "lora": [1e-3], "selection": [2e-4]},
+        "learning_rates": {
+            "full": [2e-5, 6e-5, 2e-4],
+            "default": [6e-5, 1e-4, 2e-4],
+            "lora": [1e-3],
+            "selection": [2e-4],
+        },
         "importance_batches": 8,
         "search": {"trial": {"max_steps": 15, "micro_batch_size": 8}},
         "evaluation": {
@@ -64,7 +72,12 @@ BUDGETS = {
     "smoke": {  # minutes: checks the pipeline end to end, measures nothing
         "training": "cosine schedule, AdamW, float32, dates domain (short answers)",
         "recipe": {"max_steps": 2, "micro_batch_size": 2, "bf16": False},
-        "learning_rates": {"full": [1e-5, 1e-4], "lora": [1e-3], "selection": [1e-4]},
+        "learning_rates": {
+            "full": [1e-5, 1e-4],
+            "default": [1e-4],
+            "lora": [1e-3],
+            "selection": [1e-4],
+        },
         "importance_batches": 1,
         "search": {"trial": {"max_steps": 1, "micro_batch_size": 2}, "max_trials": 2},
         "evaluation": {
@@ -83,6 +96,7 @@ BUDGETS = {
         "recipe": {"max_steps": 300, "micro_batch_size": 8, "bf16": True},
         "learning_rates": {
             "full": [1e-5, 3e-5, 1e-4, 3e-4],
+            "default": [3e-5, 1e-4, 3e-4],
             "lora": [2e-4, 1e-3],
             "selection": [1e-4, 3e-4],
         },
@@ -104,7 +118,6 @@ BUDGETS = {
         },
     },
 }
-WISE_FT_ALPHAS = [0.25, 0.5, 0.75]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,6 +131,12 @@ def main(argv: list[str] | None = None) -> None:
         help="records (default benchmarks/results/forgetting-BUDGET)",
     )
     parser.add_argument("--docs", type=Path, default=REPO / "docs" / "forgetting")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes at once, each on cores // jobs threads (default: one per core)",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     work = (args.work or REPO / "benchmarks" / "results" / f"forgetting-{args.budget}").resolve()
@@ -137,9 +156,9 @@ def main(argv: list[str] | None = None) -> None:
         "search": budget["search"],
         "seeds": list(range(args.seeds)),
         "learning_rates": budget["learning_rates"],
-        "wise_ft": {
-            "learning_rate": max(budget["learning_rates"]["full"]),
-            "alphas": WISE_FT_ALPHAS,
+        "interpolations": {
+            name: {"learning_rate": max(_rates_of(budget, method)), "alphas": ALPHAS}
+            for name, (method, _) in INTERPOLATIONS.items()
         },
         "evaluation": {
             **budget["evaluation"],
@@ -158,27 +177,8 @@ def main(argv: list[str] | None = None) -> None:
         write_dates_dataset(data, **domain)
         _write_general_text(data / "general_text.jsonl", plan["general_text"])
     recipe = _write_recipe(work, budget)
-    axolotl = str(Path(sys.executable).with_name("axolotl"))
-    if not (work / "importance" / "manifest.json").exists():
-        _run(
-            [
-                axolotl,
-                "cofitune-importance",
-                str(recipe),
-                "--output",
-                str(work / "importance"),
-                "--max-batches",
-                str(budget["importance_batches"]),
-            ]
-        )
-    if not (work / "search" / "chosen.yml").exists():
-        _run([axolotl, "cofitune-search", str(recipe)])
-
     methods = all_methods(plan["learning_rates"])
-    runner = Path(__file__).with_name("runner.py")
-    for method in methods:  # base first: its answers and scores are every run's reference
-        print(f"== {method.name}: {method.description}", flush=True)
-        _run([sys.executable, str(runner), str(work), method.name])
+    run_jobs(_jobs(work, recipe, methods, plan), args.jobs, work / "logs", REPO)
 
     command = "python benchmarks/forgetting " + " ".join(argv if argv is not None else sys.argv[1:])
     # The wall time of this invocation; a resumed run's earlier part is not in it.
@@ -191,6 +191,56 @@ def main(argv: list[str] | None = None) -> None:
     pareto_png(results, args.docs / f"pareto-{args.budget}.png")
     print(table)
     print(f"written: results-{args.budget}.json, .md and pareto-{args.budget}.png in {args.docs}")
+
+
+def _jobs(work: Path, recipe: Path, methods: list[Method], plan: dict) -> list[Job]:
+    """The importance, the base model, the search, then one job per (method, learning rate):
+    the chain the default's rows wait on first, then the longest runs."""
+    axolotl = str(Path(sys.executable).with_name("axolotl"))
+    runner = str(Path(__file__).with_name("runner.py"))
+    importance = [
+        axolotl,
+        "cofitune-importance",
+        str(recipe),
+        "--output",
+        str(work / "importance"),
+        "--max-batches",
+        str(plan["importance_batches"]),
+    ]
+    jobs = [
+        Job("importance", importance, (work / "importance" / "manifest.json").exists),
+        # base prepares the training data that every later job reads (never two at once)
+        Job("base", [sys.executable, runner, str(work), "base"], (work / BASE_FILE).exists),
+        Job(
+            "search",
+            [axolotl, "cofitune-search", str(recipe)],
+            (work / "search" / "chosen.yml").exists,
+            after=("importance", "base"),
+        ),
+    ]
+    done = {(r["method"], r["learning_rate"], r["seed"]) for r in read_runs(work)}
+    for method in sorted(methods[1:], key=lambda m: m.layers != "search"):
+        curves = [c["learning_rate"] for c in plan["interpolations"].values()]
+        for lr in sorted(method.learning_rates, key=lambda lr: lr not in curves):
+            # a run with a curve to evaluate is its method's longest: it starts first
+            needs = ["base"]
+            needs += ["importance"] * bool(method.soft_mask)
+            needs += ["search"] * (method.layers == "search")
+            jobs.append(
+                Job(
+                    f"{method.name}@{lr:g}",
+                    [sys.executable, runner, str(work), method.name, str(lr)],
+                    lambda m=method.name, lr=lr: all((m, lr, s) in done for s in plan["seeds"]),
+                    after=tuple(needs),
+                )
+            )
+    return jobs
+
+
+def _rates_of(budget: dict, method: str) -> list[float]:
+    """The learning rates `budget` gives `method`."""
+    learning_rates = budget["learning_rates"]
+    return learning_rates["default" if method == "cofitune-default" else method]
 
 
 def _write_recipe(work: Path, budget: dict) -> Path:

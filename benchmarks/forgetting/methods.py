@@ -26,6 +26,16 @@ LINEAR_TYPES = (
 )
 
 
+# Rows evaluated between the base and a trained run, base + a (tuned - base), by name: the method
+# whose run at its highest rate they interpolate, and what they are. Full fine-tuning's is WiSE-FT;
+# CoFiTune's default's is the plugin's dial (`axolotl cofitune-dial`) on the selection.
+INTERPOLATIONS = {
+    "wise-ft": ("full", "WiSE-FT: base + a (full - base)"),
+    "cofitune-dial": ("cofitune-default", "the dial: base + a (CoFiTune's default - base)"),
+}
+ALPHAS = [0.25, 0.5, 0.75]
+
+
 @dataclass(frozen=True)
 class Method:
     """One method of the benchmark's table (one row per learning rate).
@@ -49,9 +59,12 @@ class Method:
 
 def all_methods(learning_rates: dict[str, list[float]]) -> list[Method]:
     """The methods, each at its plan's rates: `learning_rates["full"]` (full fine-tuning's
-    frontier), `["lora"]`, and `["selection"]` (every method that trains a subset of the
-    weights: the layer freezing, Spectrum, HFT and CoFiTune)."""
-    full, lora, selection = (tuple(learning_rates[key]) for key in ("full", "lora", "selection"))
+    frontier), `["default"]` (CoFiTune's default recipe: its frontier), `["lora"]`, and
+    `["selection"]` (every other method that trains a subset of the weights: the layer
+    freezing, Spectrum, HFT and CoFiTune's fixed selection)."""
+    full, default, lora, selection = (
+        tuple(learning_rates[key]) for key in ("full", "default", "lora", "selection")
+    )
     cofitune = {
         "kind": "cofitune",
         "learning_rates": selection,
@@ -67,7 +80,7 @@ def all_methods(learning_rates: dict[str, list[float]]) -> list[Method]:
         Method(
             "cofitune-default",
             "cofitune",
-            selection,
+            default,
             "CoFiTune as README runs it: the selection `axolotl cofitune-search` chose, "
             "with the default soft mask (update)",
             layers="search",

@@ -1,14 +1,17 @@
 """One method's runs, in one process (so the process's peak memory is the method's).
 
-`python benchmarks/forgetting/runner.py WORK METHOD`, started by `python benchmarks/forgetting`.
+`python benchmarks/forgetting/runner.py WORK METHOD [LEARNING_RATE]`, started by
+`python benchmarks/forgetting` (several at once: `jobs.py`).
 The runs go through the plugin's training session (`cofitune_plugin.session`): the model and
 tokenized data load once through Axolotl; each run sets what trains (a set of parameters or
 LoRA adapters), builds Axolotl's trainer (CoFiTune's runs also get the plugin's
 `post_trainer_create`: its selection check, report and soft masks), trains, is evaluated on both
 axes, and then the base weights come back from the checkpoint on disk. Full fine-tuning's run at
-the plan's WiSE-FT rate is also evaluated at base + a (tuned - base) for each of the plan's a
+the plan's WiSE-FT rate, and CoFiTune's default at its dial rate, are also evaluated at
+base + a (tuned - base) for each of the plan's a
 (`cofitune_plugin.dial`, evaluation only). Every finished run is one fsynced line in
-WORK/runs.jsonl, so a stopped benchmark resumes where it stopped.
+WORK/runs.jsonl (under a file lock: other runners append beside it), so a stopped benchmark
+resumes where it stopped.
 """
 
 import json
@@ -18,7 +21,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from methods import Method, all_methods, trainable_names
+from filelock import FileLock
+from methods import INTERPOLATIONS, Method, all_methods, trainable_names
 from scores import BASE_FILE, RUNS_FILE, read_runs
 
 from cofitune_plugin import evaluation as plugin_evaluation
@@ -34,7 +38,7 @@ class Run:
     method: str
     learning_rate: float
     seed: int
-    alpha: float | None  # WiSE-FT's a: base + a (tuned - base); None for a trained model
+    alpha: float | None  # base + a (tuned - base) (WiSE-FT, the dial); None for a trained model
     trainable: int
     exact_match: float
     bench: dict[str, float]  # each general benchmark's accuracy (acc_norm)
@@ -52,11 +56,11 @@ class MethodRuns:
     """One method's runs on the product's training session (model, data and evaluation sets
     loaded once)."""
 
-    def __init__(self, work: Path, plan: dict, method: Method) -> None:
+    def __init__(self, work: Path, plan: dict, method: Method, label: str) -> None:
         from cofitune_plugin.search import read_chosen
 
         self.work, self.plan, self.method = work, plan, method
-        overrides: dict = {"output_dir": str(work / "trainer"), "save_strategy": "no"}
+        overrides: dict = {"output_dir": str(work / "trainer" / label), "save_strategy": "no"}
         if method.kind == "cofitune":
             chosen = (
                 read_chosen(work / "search")
@@ -93,7 +97,7 @@ class MethodRuns:
         return {**scores, "answers": answers}
 
     def train(self, learning_rate: float, seed: int) -> list[Run]:
-        """The trained model's run, and for full fine-tuning at the WiSE-FT rate the
+        """The trained model's run, and at a rate with a curve (`methods.INTERPOLATIONS`) the
         interpolated points' runs."""
         from peft import LoraConfig
 
@@ -116,9 +120,16 @@ class MethodRuns:
 
         # The base weights come back from the checkpoint on disk: no copy is held in memory,
         # which would add a model's size to full fine-tuning's measured peak.
-        wise = self.plan["wise_ft"]
-        if self.method.kind == "full" and learning_rate == wise["learning_rate"]:
-            evaluate = self._with_wise_ft(evaluate, wise["alphas"])
+        curve = next(
+            (
+                (name, self.plan["interpolations"][name])
+                for name, (method, _) in INTERPOLATIONS.items()
+                if method == self.method.name
+            ),
+            None,
+        )
+        if curve and learning_rate == curve[1]["learning_rate"]:
+            evaluate = self._with_interpolation(evaluate, curve[1]["alphas"])
         run = self.session.train(
             trainable,
             evaluate,
@@ -135,29 +146,29 @@ class MethodRuns:
             "step_seconds": run.output.metrics["train_runtime"] / run.output.global_step,
             "peak_accelerator_bytes": run.peak_accelerator_bytes,
         }
-        interpolated = run.evaluation.pop("wise_ft", {})
+        interpolated = run.evaluation.pop("interpolated", {})
         runs = [Run(alpha=None, **common, **run.evaluation)]
         for alpha, scores in interpolated.items():
-            runs.append(Run(**{**common, "method": "wise-ft", "alpha": alpha, **scores}))
+            runs.append(Run(**{**common, "method": curve[0], "alpha": alpha, **scores}))
         return runs
 
-    def _with_wise_ft(self, evaluate, alphas: list[float]):
-        """`evaluate`, then the same at each WiSE-FT point between the base and the tuned model
-        (the base's values read from its checkpoint; the tuned ones are back afterwards)."""
+    def _with_interpolation(self, evaluate, alphas: list[float]):
+        """`evaluate`, then the same at each point base + a (tuned - base) of what trained (the
+        base's values read from its checkpoint; the tuned ones are back afterwards)."""
 
-        def evaluate_with_wise_ft(model) -> dict:
+        def evaluate_with_interpolation(model) -> dict:
             scores = evaluate(model)
             names = [name for name, p in model.named_parameters() if p.requires_grad]
             dial = Dial(model, checkpoint_values(self.session.cfg.base_model, names))
-            scores["wise_ft"] = {}
+            scores["interpolated"] = {}
             for alpha in alphas:
-                print(f"[{self.method.name}] WiSE-FT a = {alpha}", flush=True)
+                print(f"[{self.method.name}] a = {alpha}", flush=True)
                 dial.set(alpha)
-                scores["wise_ft"][alpha] = evaluate(model)
+                scores["interpolated"][alpha] = evaluate(model)
             dial.set(1.0)
             return scores
 
-        return evaluate_with_wise_ft
+        return evaluate_with_interpolation
 
     def _trainable_names(self, seed: int) -> list[str]:
         model = self.session.model
@@ -208,32 +219,32 @@ class MethodRuns:
         }
 
 
-def main(work: Path, name: str) -> None:
+def main(work: Path, name: str, learning_rate: float | None = None) -> None:
+    """Run `name`'s missing runs (at `learning_rate` only, when given)."""
     plan = json.loads((work / "plan.json").read_text())
     method = {m.name: m for m in all_methods(plan["learning_rates"])}[name]
-    runs = None
-
+    label = name if learning_rate is None else f"{name}@{learning_rate:g}"
     if method.kind == "base":
         if not (work / BASE_FILE).exists():
-            runs = MethodRuns(work, plan, method)
-            base = runs.measure_base()
+            base = MethodRuns(work, plan, method, label).measure_base()
             (work / BASE_FILE).write_text(json.dumps(base))
         return
 
-    def run_missing(pairs: list[tuple[float, int]]) -> None:
-        nonlocal runs
-        for lr, seed in pairs:
+    rates = method.learning_rates if learning_rate is None else (learning_rate,)
+    runs = None
+    lock = FileLock(work / f"{RUNS_FILE}.lock")
+    for lr, seed in [(lr, seed) for seed in plan["seeds"] for lr in rates]:
+        with lock:
             done = {(r["learning_rate"], r["seed"]) for r in read_runs(work, name)}
-            if (lr, seed) in done:
-                continue
-            runs = runs or MethodRuns(work, plan, method)
-            print(f"[{name}] lr {lr:g}, seed {seed}", flush=True)
-            for run in runs.train(lr, seed):
+        if (lr, seed) in done:
+            continue
+        runs = runs or MethodRuns(work, plan, method, label)
+        print(f"[{name}] lr {lr:g}, seed {seed}", flush=True)
+        for run in runs.train(lr, seed):
+            with lock:
                 append_record(work / RUNS_FILE, asdict(run))
-                print(f"[{name}] {asdict(run)}", flush=True)
-
-    run_missing([(lr, seed) for seed in plan["seeds"] for lr in method.learning_rates])
+            print(f"[{name}] {asdict(run)}", flush=True)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    main(Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]) if len(sys.argv) > 3 else None)

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks" / "forgetting"))
-from summary import dominated_by, frontiers  # noqa: E402
+from summary import AXES, dominated_by, frontiers, goal_checks  # noqa: E402
 
 from cofitune_plugin.dial import Dial  # noqa: E402
 from cofitune_plugin.session import checkpoint_values  # noqa: E402
@@ -84,3 +84,19 @@ def test_a_point_above_on_both_axes_dominates_and_one_above_on_one_does_not():
     point = _row("cofitune", 0.9, 0.9)
     rows = [point, _row("lora", 0.95, 0.95), _row("hft", 0.95, 0.85), _row("freeze", 0.8, 0.99)]
     assert dominated_by(point, rows, "vers_bench") == ["lora lr=0.0001"]
+
+
+def test_the_default_recipe_is_a_frontier_and_meets_the_goal_where_one_rate_does():
+    """CoFiTune's default at several rates is a line like full fine-tuning's; the goal is met by
+    the rate that passes every bar with nothing above it, and only by that one."""
+    default = [
+        {**_row("cofitune-default", 0.90, 0.99, lr=6e-5), "default_recipe": True},
+        {**_row("cofitune-default", 0.97, 0.98, lr=1e-4), "default_recipe": True},
+    ]
+    rows = [_row("full", 1.0, 0.80, lr=2e-4), _row("full", 0.8, 0.97, lr=2e-5), *default]
+    assert [r["learning_rate"] for r in frontiers(rows)["cofitune-default"]] == [6e-5, 1e-4]
+    for row in rows:
+        row["dominated_by"] = {axis: dominated_by(row, rows, axis) for axis in AXES}
+    goal = goal_checks(rows)
+    assert goal["met_by"] == ["cofitune-default lr=0.0001"]
+    assert goal["rows"]["cofitune-default lr=6e-05"]["spec"] is False
