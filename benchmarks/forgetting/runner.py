@@ -60,7 +60,11 @@ class MethodRuns:
         from cofitune_plugin.search import read_chosen
 
         self.work, self.plan, self.method = work, plan, method
-        overrides: dict = {"output_dir": str(work / "trainer" / label), "save_strategy": "no"}
+        overrides: dict = {
+            "output_dir": str(work / "trainer" / label),
+            "save_strategy": "no",
+            "cofitune__soft_mask": None,  # so that runs without a mask need no importance
+        }
         if method.kind == "cofitune":
             chosen = (
                 read_chosen(work / "search")
