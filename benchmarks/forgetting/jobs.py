@@ -1,11 +1,10 @@
 """The benchmark's processes, run a few at a time on a CPU, each on its share of the cores.
 
-On a 2-core CPU one training process of 2 threads is slower than two of 1 thread each (measured
+On a 2-core CPU one training process of 2 threads does less than two of 1 thread each (measured
 for full fine-tuning of SmolLM2-135M, batch 8: 3.9 s/step with 2 threads; 6.5-6.8 s/step each
-with two 1-thread processes side by side, so 1.15-1.2x more work done), and
-a 2-thread process shares badly with anything else on the machine (its threads wait for each
-other whenever one is descheduled). So the benchmark runs `slots` processes at once, each with
-`OMP_NUM_THREADS` = cores // slots, and each process's output goes to its own log file.
+with two 1-thread processes side by side, so 1.15-1.2x more work done). So the benchmark runs
+`slots` processes at once, each with `OMP_NUM_THREADS` = cores // slots, and each process's
+output goes to its own log file.
 
 A job starts when the jobs it needs have finished; jobs start in the order given, so the
 longest chain (importance, then the search, then CoFiTune's default) goes first.
