@@ -10,9 +10,9 @@ held-out exact match, general benchmarks (lm-eval tasks over packaged data) and 
 writes results JSON, a Markdown table and a Pareto plot to `--docs`.
 
 Steps, each skipped when its output exists (the records in `--work` make the whole command
-resumable): the demo's model, the domain data and general text, the importance
-(`axolotl cofitune-importance`), the search (`axolotl cofitune-search`), then one process per
-method (`runner.py`).
+resumable): the demo's model, the domain data and general text, then the jobs (`jobs.py`, one
+per core at a time): the importance (`axolotl cofitune-importance`), the base model, the search
+(`axolotl cofitune-search`) and one process per method and learning rate (`runner.py`).
 """
 
 import argparse
@@ -124,6 +124,7 @@ def make_plan(budget_name: str, seeds: int, work: Path) -> dict:
     """Everything the records in `work` are measured under; a resumed run must match it."""
     data = work / "data"
     budget = BUDGETS[budget_name]
+    methods = {m.name: m for m in all_methods(budget["learning_rates"])}
     return {
         "budget": budget_name,
         "training": budget["training"],
@@ -139,7 +140,7 @@ def make_plan(budget_name: str, seeds: int, work: Path) -> dict:
         "seeds": list(range(seeds)),
         "learning_rates": budget["learning_rates"],
         "interpolations": {
-            name: {"learning_rate": max(_rates_of(budget, method)), "alphas": ALPHAS}
+            name: {"learning_rate": max(methods[method].learning_rates), "alphas": ALPHAS}
             for name, (method, _) in INTERPOLATIONS.items()
         },
         "evaluation": {
@@ -216,7 +217,7 @@ def _jobs(work: Path, recipe: Path, methods: list[Method], plan: dict) -> list[J
     ]
     jobs = [
         Job("importance", importance, (work / "importance" / "manifest.json").exists),
-        # base prepares the training data that every later job reads (never two at once)
+        # base prepares the training data that every later job reads (so never two at once)
         Job("base", [sys.executable, runner, str(work), "base"], (work / BASE_FILE).exists),
         Job(
             "search",
@@ -226,10 +227,10 @@ def _jobs(work: Path, recipe: Path, methods: list[Method], plan: dict) -> list[J
         ),
     ]
     done = {(r["method"], r["learning_rate"], r["seed"]) for r in read_runs(work)}
+    curves = [curve["learning_rate"] for curve in plan["interpolations"].values()]
     for method in sorted(methods[1:], key=lambda m: m.layers != "search"):
-        curves = [c["learning_rate"] for c in plan["interpolations"].values()]
+        # a run with a curve to evaluate is its method's longest: it starts first
         for lr in sorted(method.learning_rates, key=lambda lr: lr not in curves):
-            # a run with a curve to evaluate is its method's longest: it starts first
             needs = ["base"]
             needs += ["importance"] * bool(method.soft_mask)
             needs += ["search"] * (method.layers == "search")
@@ -242,12 +243,6 @@ def _jobs(work: Path, recipe: Path, methods: list[Method], plan: dict) -> list[J
                 )
             )
     return jobs
-
-
-def _rates_of(budget: dict, method: str) -> list[float]:
-    """The learning rates `budget` gives `method`."""
-    learning_rates = budget["learning_rates"]
-    return learning_rates["default" if method == "cofitune-default" else method]
 
 
 def _write_recipe(work: Path, budget: dict) -> Path:
