@@ -47,7 +47,7 @@ from cofitune_plugin.selection import select
 from cofitune_plugin.sharded import EnginePlacement
 from cofitune_plugin.softmask import NormalizedImportance, SoftMask, row_masks
 
-ENGINES = ("one-process", "ddp", "fsdp2", "zero2", "zero3")
+ENGINES = ("one-process", "ddp", "fsdp2", "zero2", "zero3", "zero3-offload")
 GOAL = 1.03
 
 
@@ -104,14 +104,19 @@ def prepare(engine: str, model: nn.Module, args: argparse.Namespace):
     """The engine's model, its step (forward, backward, optimizer step) and the torch optimizer
     that steps the values the placement names (DeepSpeed's inner one over its partitions)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if engine in ("zero2", "zero3"):
+    if engine.startswith("zero"):
         import deepspeed
 
+        zero: dict = {"stage": int(engine[4])}
+        if engine.endswith("offload"):
+            zero["offload_optimizer"] = {"device": "cpu"}
         config = {
             "train_micro_batch_size_per_gpu": args.batch_size,
             "gradient_accumulation_steps": 1,
-            "zero_allow_untested_optimizer": True,  # a torch optimizer, as the Trainer passes
-            "zero_optimization": {"stage": int(engine[-1])},
+            # a torch optimizer, as the Trainer passes (`adamw_torch`), also with offload
+            "zero_allow_untested_optimizer": True,
+            "zero_force_ds_cpu_optimizer": False,
+            "zero_optimization": zero,
         }
         # ZeRO-2's flat buffers require grad, and gloo's all-gather writes into them in place
         with torch.no_grad() if engine == "zero2" else nullcontext():
@@ -164,7 +169,10 @@ def timed_rounds(engine: str, args: argparse.Namespace) -> dict[str, list[float]
     def run(variant: str) -> float:
         soft_mask = None
         if variant != "unmasked":
-            soft_mask = SoftMask(module, masks, variant, placement=EnginePlacement())
+            # Bound again for each masked step, without grad: autograd refuses new views of a
+            # ZeRO-2 partition once it was written in place with grad enabled.
+            with torch.no_grad():
+                soft_mask = SoftMask(module, masks, variant, placement=EnginePlacement())
             if variant == "update":
                 soft_mask.attach_optimizer(optimizer)
         sync()
