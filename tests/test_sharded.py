@@ -43,13 +43,6 @@ ENGINES = {
     },
     "zero2": {"zero_stage": 2},
     "zero3": {"zero_stage": 3},
-    # the optimizer state and its step on the CPU; Axolotl's torch optimizer stays (DeepSpeed
-    # would otherwise insist on its own CPU Adam), as in recipes/deepspeed/zero3_offload.json
-    "zero3_offload": {
-        "zero_stage": 3,
-        "zero": {"offload_optimizer": {"device": "cpu"}},
-        "zero_force_ds_cpu_optimizer": False,
-    },
 }
 # Tight enough to scale every step down in both modes (unclipped norms are 0.09 to 0.85 here), so
 # a rank that clipped by its own shard's norm instead of the global one would end elsewhere.
@@ -72,10 +65,7 @@ def train(
     if stage := settings.pop("zero_stage", None):
         # ZeRO-3 saves the model only if asked to gather the partitions for it
         zero = {"stage": stage, "gather_16bit_weights_on_model_save": True}
-        zero.update(settings.pop("zero", {}))
         config = {**ZERO_CONFIG, "zero_optimization": zero}
-        if "zero_force_ds_cpu_optimizer" in settings:
-            config["zero_force_ds_cpu_optimizer"] = settings.pop("zero_force_ds_cpu_optimizer")
         (run_dir / "zero.json").write_text(json.dumps(config))
         settings["deepspeed"] = str(run_dir / "zero.json")
     settings = dict(
@@ -121,7 +111,6 @@ ENGINE_LOG = {
     "fsdp2": "soft masks bound to this rank's FSDP2 shards",
     "zero2": "soft masks bound to this rank's DeepSpeed ZeRO-2 partitions",
     "zero3": "soft masks bound to this rank's DeepSpeed ZeRO-3 partitions",
-    "zero3_offload": "soft masks bound to this rank's DeepSpeed ZeRO-3 partitions",
 }
 MODES = ("update", "gradient")
 
@@ -147,12 +136,12 @@ def one_process(tmp_path_factory, tiny_models, llama_importance) -> dict[str, di
 def test_soft_masks_on_two_cpu_processes_match_one_process(
     engine, tmp_path, tiny_models, llama_importance, one_process
 ):
-    """For fsdp2, zero2, zero3 and zero3 with its optimizer offloaded to the CPU, in both mask
-    modes: only the selection changes, and the weights are the one-process run's within 1e-6
-    of the step, its largest element (a lone process, an unmasked or a wrongly sliced mask, or
-    a wrongly clipped step is off by a sizeable fraction of it). The steps of heavily masked
-    heads are 1e-3 of that: measured against their own size, float32 weights cannot resolve
-    1e-6 of them (measured: 1-2 ulp of the weights, up to 3e-5 of the smallest tensor's step)."""
+    """For fsdp2, zero2 and zero3, in both mask modes: only the selection changes, and the
+    weights are the one-process run's within 1e-6 of the step, its largest element (a lone
+    process, an unmasked or a wrongly sliced mask, or a wrongly clipped step is off by a
+    sizeable fraction of it). The steps of heavily masked heads are 1e-3 of that: measured
+    against their own size, float32 weights cannot resolve 1e-6 of them (measured: 1-2 ulp of
+    the weights, up to 3e-5 of the smallest tensor's step)."""
     base = load_file(tiny_models["llama"] / "model.safetensors")
     for mode in MODES:
         out, log = train(tmp_path / mode, tiny_models["llama"], llama_importance, mode, engine)
@@ -224,7 +213,7 @@ BOUND = re.compile(r"soft masks bound to this rank's .*?rank (\d+), mask fingerp
 
 
 @pytest.mark.axolotl
-@pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])  # not zero3_offload (cost)
+@pytest.mark.parametrize("engine", list(ENGINES))
 def test_resume_under_each_launcher_ends_where_the_straight_run_does(
     engine, tmp_path, tiny_models, llama_importance
 ):
