@@ -83,7 +83,7 @@ def test_importance_command_refuses_a_multi_process_launch_before_loading(tmp_pa
         env={**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
     assert result.returncode != 0
     refusal = "cofitune-importance runs in one process"
