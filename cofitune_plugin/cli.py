@@ -35,6 +35,11 @@ UNSHARDED_KEYS = ("deepspeed", "fsdp", "fsdp_config", "fsdp_version")
 def importance(config: str, output: Path | None, max_batches: int | None, overwrite: bool) -> None:
     """Compute unit importance for CONFIG's model on cofitune.soft_mask.datasets (default: the
     training datasets) and write importance.safetensors + manifest.json."""
+    _refuse_several_processes(
+        "cofitune-importance",
+        "runs in one process (it loads the model whole, also for a DeepSpeed or FSDP recipe, and "
+        "its one artifact serves training under every launcher)",
+    )
     from axolotl.cli.config import load_cfg
     from axolotl.common.datasets import load_datasets
     from axolotl.train import setup_model_and_trainer
@@ -50,11 +55,6 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
     )
     from cofitune_plugin.selection import find_decoder_layers
 
-    _refuse_several_processes(
-        "cofitune-importance",
-        "runs in one process (it loads the model whole, also for a DeepSpeed or FSDP recipe, and "
-        "its one artifact serves training under every launcher)",
-    )
     # Check the block before anything loads; the recipe's masks do not exist yet, so the model is
     # then loaded without them, on the importance data.
     recipe = check_recipe(yaml.safe_load(Path(config).read_text()))

@@ -67,6 +67,22 @@ def test_importance_command_needs_a_soft_mask_block(tmp_path, tiny_models):
         importance_command.main([str(write_recipe(tmp_path, cfg))], standalone_mode=False)
 
 
+@pytest.mark.parametrize(
+    ("command", "name"),
+    [(importance_command, "cofitune-importance"), (search_command, "cofitune-search")],
+)
+def test_one_process_commands_stop_on_a_rank_before_reading_the_recipe(
+    tmp_path, monkeypatch, command, name
+):
+    """WORLD_SIZE is what every launcher (torchrun, `accelerate launch`) sets on its ranks; the
+    recipe is not even read (it is not one), let alone a model loaded."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    not_a_recipe = tmp_path / "recipe.yml"
+    not_a_recipe.write_text("[")
+    with pytest.raises(click.ClickException, match=f"start it with `axolotl {name}`, not under"):
+        command.main([str(not_a_recipe)], standalone_mode=False)
+
+
 @pytest.mark.axolotl
 def test_importance_command_refuses_a_multi_process_launch_before_loading(tmp_path, tiny_models):
     """Started by torchrun on 2 CPU processes, as `axolotl train` starts FSDP2 or ZeRO ranks, each
