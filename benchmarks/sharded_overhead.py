@@ -17,7 +17,7 @@ rotating order; each ratio is the median of per-round ratios over the rounds und
 other processes (`softmask_overhead.ratio_stats`), with a bootstrap interval. A masked step binds
 its mask before the clock starts and removes it after, so unmasked steps run without hooks.
 
-    python benchmarks/sharded_overhead.py                 # every engine, ~10 min on 2 cores
+    python benchmarks/sharded_overhead.py                 # every engine
     python benchmarks/sharded_overhead.py --engines fsdp2 zero3 --rounds 10
 """
 
