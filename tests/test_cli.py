@@ -85,9 +85,10 @@ def test_one_process_commands_stop_on_a_rank_before_reading_the_recipe(
 
 @pytest.mark.axolotl
 def test_importance_command_refuses_a_multi_process_launch_before_loading(tmp_path, tiny_models):
-    """Started by torchrun on 2 CPU processes, as `axolotl train` starts FSDP2 or ZeRO ranks, each
-    rank stops with the fix before loading anything, and nothing is written: the command's
-    artifact is a one-process one (see README, "Where soft masks run under each launcher")."""
+    """Started by torchrun on 2 CPU processes (PyTorch's launcher, as a user would start the
+    ranks of a sharded run), each rank stops with the fix before loading anything, and nothing
+    is written: the command's artifact is a one-process one (see README, "Importance under a
+    launcher")."""
     importance = tmp_path / "importance"
     cfg = recipe(tmp_path, tiny_models["llama"], cofitune=soft_mask_block(importance))
     bin_dir = Path(sys.executable).parent
