@@ -35,6 +35,11 @@ UNSHARDED_KEYS = ("deepspeed", "fsdp", "fsdp_config", "fsdp_version")
 def importance(config: str, output: Path | None, max_batches: int | None, overwrite: bool) -> None:
     """Compute unit importance for CONFIG's model on cofitune.soft_mask.datasets (default: the
     training datasets) and write importance.safetensors + manifest.json."""
+    _refuse_several_processes(
+        "cofitune-importance",
+        "runs in one process (it loads the model whole, also for a DeepSpeed or FSDP recipe, and "
+        "its one artifact serves training under every launcher)",
+    )
     from axolotl.cli.config import load_cfg
     from axolotl.common.datasets import load_datasets
     from axolotl.train import setup_model_and_trainer
@@ -117,11 +122,7 @@ def search(config: str) -> None:
     `cofitune.from_search`), report.md and pareto.png to the search's output_dir."""
     from cofitune_plugin.search_run import search_command
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise click.ClickException(
-            "cofitune-search runs its trials in one process; start it with `axolotl "
-            "cofitune-search`, not under a multi-process launcher"
-        )
+    _refuse_several_processes("cofitune-search", "runs its trials in one process")
     click.echo(search_command(config))
 
 
@@ -182,6 +183,16 @@ def dial(config: str, grid: str, alpha: float | None, out: Path | None) -> None:
     if alpha is not None and out is not None and out.resolve() == output_dir.resolve():
         raise click.BadParameter("would overwrite the trained model; choose another", "--out")
     click.echo(write_dial(load_trained(cfg), alphas, alpha, out))
+
+
+def _refuse_several_processes(command: str, why: str) -> None:
+    """Stop a one-process command that a multi-process launcher (torchrun, `accelerate
+    launch`) started, before anything loads, instead of running it once per rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise click.ClickException(
+            f"{command} {why}; start it with `axolotl {command}`, not under a multi-process "
+            "launcher"
+        )
 
 
 def _check_report_recipe(config: str) -> None:

@@ -286,10 +286,15 @@ class _SoftMaskDuringTraining(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs) -> None:
         self.soft_mask = SoftMask(model, self.masks, self.apply_to, placement=EnginePlacement())
+        # Every rank logs what it bound: a resumed run must bind the same rows on each rank.
         LOG.info(
-            "cofitune: soft masks bound to this rank's %s (apply_to=%s)",
+            "cofitune: soft masks bound to this rank's %s (apply_to=%s; rank %s, mask "
+            "fingerprint %s)",
             engine_of(model.get_parameter(next(iter(self.masks)))),
             self.apply_to,
+            os.environ.get("RANK", "0"),
+            self.soft_mask.fingerprint(),
+            main_process_only=False,
         )
         if self.apply_to == "update":
             # Accelerate wraps the optimizer, and DeepSpeed's ZeRO optimizer wraps the torch

@@ -15,6 +15,7 @@ Two ways to apply them:
 """
 
 import functools
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -260,6 +261,8 @@ class SoftMask:
         self._row_factors: list[Tensor] = []
         self._handles: list = []
         self._previous: list[Tensor] = []
+        # each factor as bound on this rank, for `fingerprint`: update mode's are the row factors
+        self._bound: list[Tensor] = self._row_factors if apply_to == "update" else []
         check_masks(model, masks, placement)
         for name, mask in masks.items():
             param = model.get_parameter(name)
@@ -268,16 +271,24 @@ class SoftMask:
             factor = mask if apply_to == "gradient" else 1 - mask
             if apply_to == "gradient":
                 module_name, _, attribute = name.rpartition(".")
+                self._bound.append(_per_row(factor, len(shape), param))
                 self._handles += placement.hook_gradient(
-                    model.get_submodule(module_name),
-                    attribute,
-                    param,
-                    _scaled_by(_per_row(factor, len(shape), param)),
+                    model.get_submodule(module_name), attribute, param, _scaled_by(self._bound[-1])
                 )
                 continue
             for values, local_factor in placement.local_rows(param, factor):
                 self._parameters.append(values)
                 self._row_factors.append(_per_row(local_factor, values.dim(), values))
+
+    def fingerprint(self) -> str:
+        """A short hash of the factors bound on this rank (their shapes and values, in order):
+        equal between two runs exactly when each rank masks the same rows by the same factors,
+        e.g. a run resumed from a checkpoint and the run that wrote it."""
+        digest = hashlib.sha256()
+        for factor in self._bound:
+            digest.update(str(tuple(factor.shape)).encode())
+            digest.update(factor.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def attach_optimizer(self, optimizer: Optimizer) -> None:
         """Mask the updates `optimizer` makes (update mode). Pass the torch optimizer that steps

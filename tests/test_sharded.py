@@ -12,6 +12,7 @@ nothing is clipped; with clipping they differ (clipping sees the masked gradient
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -48,8 +49,16 @@ ENGINES = {
 MAX_GRAD_NORM = 0.05
 
 
-def train(run_dir: Path, model_dir: Path, importance: Path, apply_to: str, engine: str | None):
-    """Two SGD steps of global batch 4 (accumulation 2); one process when `engine` is None."""
+def train(
+    run_dir: Path,
+    model_dir: Path,
+    importance: Path,
+    apply_to: str,
+    engine: str | None,
+    **overrides,
+):
+    """Two SGD steps of global batch 4 (accumulation 2); one process when `engine` is None.
+    `overrides`: recipe keys in place of these (steps, optimizer, checkpoints)."""
     run_dir.mkdir()
     processes = 1 if engine is None else 2
     settings = dict(ENGINES.get(engine, {}))
@@ -59,9 +68,7 @@ def train(run_dir: Path, model_dir: Path, importance: Path, apply_to: str, engin
         config = {**ZERO_CONFIG, "zero_optimization": zero}
         (run_dir / "zero.json").write_text(json.dumps(config))
         settings["deepspeed"] = str(run_dir / "zero.json")
-    cfg = recipe(
-        run_dir,
-        model_dir,
+    settings = dict(
         cofitune=soft_mask_block(importance, apply_to),
         micro_batch_size=2 // processes,
         gradient_accumulation_steps=2,
@@ -74,6 +81,7 @@ def train(run_dir: Path, model_dir: Path, importance: Path, apply_to: str, engin
         max_memory={"cpu": "64GiB"},
         **settings,
     )
+    cfg = recipe(run_dir, model_dir, **{**settings, **overrides})
     write_equal_length_dataset(Path(cfg["datasets"][0]["path"]), model_dir)
     args = ()
     if processes > 1:
@@ -190,3 +198,54 @@ def test_zero3_recipe_importance_is_the_one_process_artifact(
     reference = json.loads((llama_importance / "manifest.json").read_text())
     for field in ("fingerprint", "model_type", "num_layers", "n_heads", "d_ff", "d_model"):
         assert written[field] == reference[field], field
+
+
+# AdamW with weight decay: the optimizer state (moments, step count) must come back from the
+# checkpoint for the resumed run to end where the straight one does.
+RESUME = {
+    "max_steps": 4,
+    "optimizer": "adamw_torch",
+    "learning_rate": 1e-2,
+    "weight_decay": 0.1,
+    "save_only_model": False,
+}
+BOUND = re.compile(r"soft masks bound to this rank's .*?rank (\d+), mask fingerprint (\w+)")
+
+
+@pytest.mark.axolotl
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_resume_under_each_launcher_ends_where_the_straight_run_does(
+    engine, tmp_path, tiny_models, llama_importance
+):
+    """fsdp2, zero2, zero3 on 2 CPU processes, `update` masks, AdamW: 4 steps checkpointing at
+    step 2, then a second run resumed from that checkpoint, which trains steps 3 and 4 only.
+    Both end bitwise at the same weights (same ranks, same reduction order, and the fp32
+    weights, optimizer moments and step count restored exactly: nothing is left to round
+    differently), the frozen weights never move, and each rank binds the same mask rows by the
+    same factors after the resume as before (the fingerprint every rank logs)."""
+    runs = {}
+    for run, overrides in (
+        ("straight", {"save_strategy": "steps", "save_steps": 2}),
+        ("resumed", {"resume_from_checkpoint": str(tmp_path / "straight/out/checkpoint-2")}),
+    ):
+        out, log = train(
+            tmp_path / run,
+            tiny_models["llama"],
+            llama_importance,
+            "update",
+            engine,
+            **RESUME,
+            **overrides,
+        )
+        assert ENGINE_LOG[engine] in log, log[-3000:]
+        runs[run] = load_file(out / "model.safetensors"), log
+
+    (straight, straight_log), (resumed, resumed_log) = runs["straight"], runs["resumed"]
+    assert straight_log.count("{'loss': ") == 4 and resumed_log.count("{'loss': ") == 2
+    bound = dict(BOUND.findall(straight_log))
+    assert sorted(bound) == ["0", "1"], straight_log[-3000:]
+    assert dict(BOUND.findall(resumed_log)) == bound
+    base = load_file(tiny_models["llama"] / "model.safetensors")
+    assert {n for n in base if not torch.equal(base[n], straight[n])} == SELECTED
+    for name in base:
+        assert torch.equal(resumed[name], straight[name]), name

@@ -310,6 +310,23 @@ def test_remove_restores_unmasked_training(apply_to):
         assert torch.equal(masked.get_parameter(name), plain.get_parameter(name))
 
 
+@pytest.mark.parametrize("apply_to", ["gradient", "update"])
+def test_fingerprint_is_the_same_for_the_same_factors_and_only_then(apply_to):
+    """What a resumed run logs to show it binds the masks it bound before: equal for masks
+    built again from the same importance, different when one row's factor differs."""
+    imp = random_importance()
+    model = tiny_model_in("llama")
+    masks = masks_for(model, imp)
+    first = SoftMask(model, masks, apply_to)
+    again = SoftMask(model, masks_for(model, imp), apply_to)
+    name = next(iter(masks))
+    nudged = {**masks, name: masks[name].clone().index_fill_(0, torch.tensor([1]), 0.5)}
+    other = SoftMask(model, nudged, apply_to)
+    assert first.fingerprint() == again.fingerprint() != other.fingerprint()
+    for soft_mask in (first, again, other):
+        soft_mask.remove()
+
+
 def train_two_steps(model, masks, apply_to: str, batches: list[dict]) -> dict[str, torch.Tensor]:
     """Two masked optimizer steps; `model` may be wrapped in DDP."""
     inner = model.module if isinstance(model, DistributedDataParallel) else model
