@@ -43,8 +43,8 @@ def test_the_paper_default_is_the_config_default_resolved_on_the_model():
 def test_the_report_compares_the_chosen_with_the_paper_default_when_measured():
     searched = result([record(WIDER, 0.5, 1.25), record(PAPER, 0.25, 1.0)], chosen=0)
     assert versus_paper_default(searched, PAPER) == (
-        "Against the paper's default (`ffn` in `25%-50%`), trial 2: Uni 1.800 (Spec 1.000, Vers "
-        "0.800) for the chosen, Uni 1.500 (Spec 0.500, Vers 1.000) for the paper's."
+        "Against the paper's default (`ffn` in `25%-50%`), trial 2: Uni 2.800 (Spec 1.000, Vers "
+        "0.800) for the chosen, Uni 2.000 (Spec 0.500, Vers 1.000) for the paper's."
     )
     rows = markdown_table(searched, BASE, "exact_match", 100, PAPER).splitlines()
     assert rows[3].startswith("| **1 (chosen)** | 0%-50% | ffn+mha |")
