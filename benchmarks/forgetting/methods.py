@@ -34,6 +34,7 @@ INTERPOLATIONS = {
     "cofitune-dial": ("cofitune-default", "the dial: base + a (CoFiTune's default - base)"),
 }
 ALPHAS = [0.25, 0.5, 0.75]
+CURVE_OF = {method: name for name, (method, _) in INTERPOLATIONS.items()}  # method -> its curve
 
 
 @dataclass(frozen=True)

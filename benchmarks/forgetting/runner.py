@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from filelock import FileLock
-from methods import INTERPOLATIONS, Method, all_methods, trainable_names
+from methods import CURVE_OF, Method, all_methods, trainable_names
 from scores import BASE_FILE, RUNS_FILE, read_runs
 
 from cofitune_plugin import evaluation as plugin_evaluation
@@ -124,16 +124,10 @@ class MethodRuns:
 
         # The base weights come back from the checkpoint on disk: no copy is held in memory,
         # which would add a model's size to full fine-tuning's measured peak.
-        curve = next(
-            (
-                (name, self.plan["interpolations"][name])
-                for name, (method, _) in INTERPOLATIONS.items()
-                if method == self.method.name
-            ),
-            None,
-        )
-        if curve and learning_rate == curve[1]["learning_rate"]:
-            evaluate = self._with_interpolation(evaluate, curve[1]["alphas"])
+        curve = CURVE_OF.get(self.method.name)
+        points = self.plan["interpolations"].get(curve, {})
+        if points.get("learning_rate") == learning_rate:
+            evaluate = self._with_interpolation(evaluate, points["alphas"])
         run = self.session.train(
             trainable,
             evaluate,
@@ -153,7 +147,7 @@ class MethodRuns:
         interpolated = run.evaluation.pop("interpolated", {})
         runs = [Run(alpha=None, **common, **run.evaluation)]
         for alpha, scores in interpolated.items():
-            runs.append(Run(**{**common, "method": curve[0], "alpha": alpha, **scores}))
+            runs.append(Run(**{**common, "method": curve, "alpha": alpha, **scores}))
         return runs
 
     def _with_interpolation(self, evaluate, alphas: list[float]):
