@@ -44,6 +44,10 @@ ENGINES = {
     "zero2": {"zero_stage": 2},
     "zero3": {"zero_stage": 3},
 }
+# ZeRO-3 as recipes/deepspeed/zero3_offload.json runs it (the 70B recipe): optimizer state and
+# parameters in CPU memory, the Trainer's torch optimizer kept. Checked against one process,
+# not resumed (its checkpoint path is ZeRO-3's).
+OFFLOAD = {"zero_stage": 3, "offload": ("optimizer", "param")}
 # Tight enough to scale every step down in both modes (unclipped norms are 0.09 to 0.85 here), so
 # a rank that clipped by its own shard's norm instead of the global one would end elsewhere.
 MAX_GRAD_NORM = 0.05
@@ -61,11 +65,14 @@ def train(
     `overrides`: recipe keys in place of these (steps, optimizer, checkpoints)."""
     run_dir.mkdir()
     processes = 1 if engine is None else 2
-    settings = dict(ENGINES.get(engine, {}))
+    settings = dict({**ENGINES, "zero3-offload": OFFLOAD}.get(engine, {}))
     if stage := settings.pop("zero_stage", None):
         # ZeRO-3 saves the model only if asked to gather the partitions for it
         zero = {"stage": stage, "gather_16bit_weights_on_model_save": True}
         config = {**ZERO_CONFIG, "zero_optimization": zero}
+        if offload := settings.pop("offload", ()):
+            zero |= {f"offload_{part}": {"device": "cpu"} for part in offload}
+            config |= {"zero_force_ds_cpu_optimizer": False, "zero_allow_untested_optimizer": True}
         (run_dir / "zero.json").write_text(json.dumps(config))
         settings["deepspeed"] = str(run_dir / "zero.json")
     settings = dict(
@@ -111,6 +118,7 @@ ENGINE_LOG = {
     "fsdp2": "soft masks bound to this rank's FSDP2 shards",
     "zero2": "soft masks bound to this rank's DeepSpeed ZeRO-2 partitions",
     "zero3": "soft masks bound to this rank's DeepSpeed ZeRO-3 partitions",
+    "zero3-offload": "soft masks bound to this rank's DeepSpeed ZeRO-3 partitions",
 }
 MODES = ("update", "gradient")
 
@@ -132,16 +140,16 @@ def one_process(tmp_path_factory, tiny_models, llama_importance) -> dict[str, di
 
 
 @pytest.mark.axolotl
-@pytest.mark.parametrize("engine", list(ENGINES))
+@pytest.mark.parametrize("engine", [*ENGINES, "zero3-offload"])
 def test_soft_masks_on_two_cpu_processes_match_one_process(
     engine, tmp_path, tiny_models, llama_importance, one_process
 ):
-    """For fsdp2, zero2 and zero3, in both mask modes: only the selection changes, and the
-    weights are the one-process run's within 1e-6 of the step, its largest element (a lone
-    process, an unmasked or a wrongly sliced mask, or a wrongly clipped step is off by a
-    sizeable fraction of it). The steps of heavily masked heads are 1e-3 of that: measured
-    against their own size, float32 weights cannot resolve 1e-6 of them (measured: 1-2 ulp of
-    the weights, up to 3e-5 of the smallest tensor's step)."""
+    """For fsdp2, zero2, zero3 and zero3 with optimizer and parameters offloaded, in both mask
+    modes: only the selection changes, and the weights are the one-process run's within 1e-6 of
+    the step, its largest element (a lone process, an unmasked or a wrongly sliced mask, or a
+    wrongly clipped step is off by a sizeable fraction of it). The steps of heavily masked heads
+    are 1e-3 of that: measured against their own size, float32 weights cannot resolve 1e-6 of
+    them (measured: 1-2 ulp of the weights, up to 3e-5 of the smallest tensor's step)."""
     base = load_file(tiny_models["llama"] / "model.safetensors")
     for mode in MODES:
         out, log = train(tmp_path / mode, tiny_models["llama"], llama_importance, mode, engine)
