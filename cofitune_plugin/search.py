@@ -2,12 +2,14 @@
 
 A level proposes candidates (windows x module sets); each candidate is trained briefly and scored;
 the level's best becomes the next level's starting point, and the last level's best is the chosen
-selection. The tree narrows on purpose, as the paper's does: a narrower window or module set may
-score a little below the wider one it came from, and the report shows every trial so a user can
-see that trade. Scores are Uni = w_s Spec + w_v Vers, each axis a ratio to a reference
-(docs/design.md section 5): Spec to the best trial seen so far, Vers to the base model. The tree
-is replayed from the records on every start, so a search resumed after a crash takes exactly the
-path the uninterrupted one would have.
+selection. Unlike the paper's tree, which always narrows, a narrower window must score above the
+window it came from (a split level keeps its parent, and the default module level includes the
+parent's `ffn+mha`): at a small learning rate a wide selection can keep more than a narrow one,
+which needs a higher rate to learn as much (README "Evidence"). The report shows every trial.
+Scores are Uni = w_s Spec + w_v Vers, each axis a ratio to a reference (docs/design.md section
+5): Spec to the best trial seen so far, Vers to the base model. The tree is replayed from the
+records on every start, so a search resumed after a crash takes exactly the path the
+uninterrupted one would have.
 
 Pure Python: the caller supplies `resolve` (spec -> trained layers and parameter count) and
 `run_trial` (candidate -> measured record), so the search logic is testable without a model.
@@ -124,13 +126,15 @@ Resolve = Callable[[str, str], Candidate]
 
 
 def level_candidates(level: SearchLevel, winner: Candidate | None, resolve: Resolve) -> list:
-    """The candidates of one level, given the previous level's winner."""
+    """The candidates of one level, given the previous level's winner. A split level keeps the
+    winner's window among its candidates (already measured, so not trained again): a half wins
+    only where it scores above the whole."""
     if winner is None and (level.windows in (None, SPLIT) or level.modules is None):
         raise SearchError("cofitune.search: the first level needs both `windows` and `modules`")
     if level.windows is None:
         windows = [winner.window]
     elif level.windows == SPLIT:
-        windows = split_window(winner.window, winner.layers)
+        windows = [winner.window, *split_window(winner.window, winner.layers)]
     else:
         windows = [window_label(w) for w in level.windows]
     modules = [modules_label(m) for m in level.modules] if level.modules else [winner.modules]
@@ -154,7 +158,8 @@ def paper_default(resolve: Resolve) -> Candidate | None:
 
 def check_levels(levels: list[SearchLevel], resolve: Resolve) -> int:
     """Resolve every candidate any path through the tree can reach, so that a bad window or
-    module name fails before the first trial trains; returns the most trials one path runs."""
+    module name fails before the first trial trains; returns the most trials one path runs (a
+    level's candidates other than the winner it starts from, which is already measured)."""
     winners: list[Candidate | None] = [None]
     most = 0
     for i, level in enumerate(levels, start=1):
@@ -166,7 +171,7 @@ def check_levels(levels: list[SearchLevel], resolve: Resolve) -> int:
             except ValueError as exc:
                 raise SearchError(f"cofitune.search.levels[{i}]: {exc}") from None
             found.update({c.key: c for c in candidates})
-            widest = max(widest, len(candidates))
+            widest = max(widest, sum(winner is None or c.key != winner.key for c in candidates))
         most += widest
         winners = list(found.values())
     return most

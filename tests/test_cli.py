@@ -134,16 +134,17 @@ def test_search_killed_midway_resumes_and_train_uses_the_winner(tmp_path, tiny_m
     process.wait()
     before = trials.read_text()
     finished = before.count("\n")
-    assert 1 <= finished < 7, "the kill must land mid-search"
+    assert 1 <= finished < 8, "the kill must land mid-search"
 
     result = run_axolotl("cofitune-search", str(path), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert f"7 trials ({7 - finished} run now" in result.stdout
+    assert f"8 trials ({8 - finished} run now" in result.stdout
     after = trials.read_text()
     assert after.startswith(before)
     records = [json.loads(line) for line in after.splitlines()]
-    assert len({r["key"] for r in records}) == len(records) == 7
-    assert [(r["window"], r["modules"]) for r in records[:3]] == [
+    assert len({r["key"] for r in records}) == len(records) == 8
+    assert [(r["window"], r["modules"]) for r in records[:4]] == [
+        ("0%-100%", "ffn+mha"),
         ("0%-50%", "ffn+mha"),
         ("25%-75%", "ffn+mha"),
         ("50%-100%", "ffn+mha"),
@@ -153,7 +154,7 @@ def test_search_killed_midway_resumes_and_train_uses_the_winner(tmp_path, tiny_m
 
     chosen = yaml.safe_load((tmp_path / "search" / "chosen.yml").read_text())
     again = run_axolotl("cofitune-search", str(path), cwd=tmp_path)
-    assert "7 trials (0 run now" in again.stdout and trials.read_text() == after
+    assert "8 trials (0 run now" in again.stdout and trials.read_text() == after
 
     trained = run_axolotl("train", str(path), cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr[-4000:]

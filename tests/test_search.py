@@ -84,11 +84,12 @@ def search(config, resolve, losses=None, records=None, max_trials=None):
     return result, log
 
 
-def test_default_tree_visits_half_windows_then_halves_then_module_sets(resolve):
-    losses = {("25%-75%", "ffn+mha"): 1.0, ("50%-75%", "ffn+mha"): 1.1, ("50%-75%", "ffn"): 1.05}
+def test_default_tree_visits_whole_and_half_windows_then_halves_then_module_sets(resolve):
+    losses = {("25%-75%", "ffn+mha"): 1.0, ("50%-75%", "ffn+mha"): 0.9, ("50%-75%", "ffn"): 0.85}
     config = search_config()
     result, log = search(config, resolve, losses)
     assert [(c.window, c.modules) for c in log] == [
+        ("0%-100%", "ffn+mha"),
         ("0%-50%", "ffn+mha"),
         ("25%-75%", "ffn+mha"),
         ("50%-100%", "ffn+mha"),
@@ -97,12 +98,25 @@ def test_default_tree_visits_half_windows_then_halves_then_module_sets(resolve):
         ("50%-75%", "ffn"),
         ("50%-75%", "mha"),  # ffn+mha in 50%-75% was level 2's trial: not run twice
     ]
-    assert [c.layers for c in log[3:5]] == [(2, 3), (4, 5)]
-    # Each of the three levels chose a winner: level 2 splits level 1's 25%-75%, level 3 tries
-    # the module sets in level 2's 50%-75%, and level 3's winner is the search's choice.
+    assert [c.layers for c in log[4:6]] == [(2, 3), (4, 5)]
+    # Each of the three levels chose a winner: level 2 puts level 1's 25%-75% against its
+    # halves, level 3 tries the module sets in level 2's 50%-75%, and level 3's winner is the
+    # search's choice.
     assert (result.chosen.window, result.chosen.modules) == ("50%-75%", "ffn")
     assert not result.capped
-    assert check_levels(config.search.levels, resolve) == 8  # 3 + 2 + 3 before de-duplication
+    assert check_levels(config.search.levels, resolve) == 8  # 4 + 2 + 2: winners not retrained
+
+
+def test_a_split_keeps_the_window_its_halves_do_not_beat(resolve):
+    """Narrowing must earn its place: the whole depth wins level 1, neither half beats it at
+    the split, so the module sets are tried over the whole depth."""
+    losses = {("0%-100%", "ffn+mha"): 1.0, ("0%-100%", "ffn"): 0.95}
+    result, log = search(search_config(), resolve, losses)
+    assert [(c.window, c.modules) for c in log[4:]] == [
+        ("0%-100%", "ffn"),  # the split's halves, 0%-50% and 50%-100%, were level 1's trials
+        ("0%-100%", "mha"),
+    ]
+    assert (result.chosen.window, result.chosen.modules) == ("0%-100%", "ffn")
 
 
 def test_an_edited_space_in_yaml_changes_the_trials(resolve):
@@ -125,9 +139,9 @@ def test_an_edited_space_in_yaml_changes_the_trials(resolve):
 
 
 def test_max_trials_stops_the_search_and_chooses_among_what_ran(resolve):
-    result, log = search(search_config(), resolve, max_trials=4)
-    assert len(log) == 4 and result.capped
-    assert result.chosen.key in {c.key for c in log[3:]}
+    result, log = search(search_config(), resolve, max_trials=5)
+    assert len(log) == 5 and result.capped
+    assert result.chosen.key in {c.key for c in log[4:]}
 
 
 def test_a_resumed_search_reruns_nothing_and_takes_the_same_path(resolve):
