@@ -134,15 +134,19 @@ def test_search_killed_midway_resumes_and_train_uses_the_winner(tmp_path, tiny_m
     process.wait()
     before = trials.read_text()
     finished = before.count("\n")
-    assert 1 <= finished < 8, "the kill must land mid-search"
+    assert finished >= 1
 
     result = run_axolotl("cofitune-search", str(path), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert f"8 trials ({8 - finished} run now" in result.stdout
     after = trials.read_text()
     assert after.startswith(before)
     records = [json.loads(line) for line in after.splitlines()]
-    assert len({r["key"] for r in records}) == len(records) == 8
+    # 4 windows, the winner's 2 halves (none new when the whole depth won: they are level 1's
+    # half-depth windows), then 2 module sets
+    total = len(records)
+    assert total in (6, 8) and len({r["key"] for r in records}) == total
+    assert finished < total, "the kill must land mid-search"
+    assert f"{total} trials ({total - finished} run now" in result.stdout
     assert [(r["window"], r["modules"]) for r in records[:4]] == [
         ("0%-100%", "ffn+mha"),
         ("0%-50%", "ffn+mha"),
@@ -154,7 +158,7 @@ def test_search_killed_midway_resumes_and_train_uses_the_winner(tmp_path, tiny_m
 
     chosen = yaml.safe_load((tmp_path / "search" / "chosen.yml").read_text())
     again = run_axolotl("cofitune-search", str(path), cwd=tmp_path)
-    assert "8 trials (0 run now" in again.stdout and trials.read_text() == after
+    assert f"{total} trials (0 run now" in again.stdout and trials.read_text() == after
 
     trained = run_axolotl("train", str(path), cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr[-4000:]
