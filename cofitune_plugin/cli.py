@@ -44,7 +44,7 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
 
     from cofitune_plugin.architectures import architecture_for
     from cofitune_plugin.args import RecipeError, check_recipe
-    from cofitune_plugin.importance import compute_importance, global_batches
+    from cofitune_plugin.importance import batch_share, compute_importance, global_batches
     from cofitune_plugin.importance_store import (
         MANIFEST_FILE,
         data_fingerprint,
@@ -101,6 +101,15 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
         "seed": seed,
     }
 
+    share = batch_share(len(batches))
+    LOG.info(
+        "cofitune: importance on rank %d of %d: batches %s of %d",
+        share.start,
+        share.step,
+        list(share),
+        len(batches),
+        main_process_only=False,
+    )
     start = time.perf_counter()
     raw = compute_importance(
         model, batches, architecture, layer_prefix, dropout=soft_mask.dropout, seed=seed

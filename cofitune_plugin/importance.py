@@ -126,12 +126,11 @@ def compute_importance(
     backward, and a private generator would draw other noise there than in the forward.
 
     Under torch.distributed every rank passes the same `batches` and runs batches rank,
-    rank + world size, ...; the sums and token counts are then all-reduced, so every rank returns
-    the token-weighted mean over all batches, which equals one process's up to the order of float
-    additions. Progress shows on rank 0 only. Gradient checkpointing must be off or
-    non-reentrant (reentrant checkpointing hides the gates from `autograd.grad`).
+    rank + world size, ... (`batch_share`); the sums and token counts are then all-reduced, so
+    every rank returns the token-weighted mean over all batches, which equals one process's up
+    to the order of float additions. Progress shows on rank 0 only. Gradient checkpointing must
+    be off or non-reentrant (reentrant checkpointing hides the gates from `autograd.grad`).
     """
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
     layers = _hook_points(model, architecture, layer_prefix)
     n_heads = _text_config(model).num_attention_heads
     head_sums = [torch.zeros_like(layer.head_gate) for layer in layers]
@@ -158,9 +157,10 @@ def compute_importance(
                 layer.ffn_down.register_forward_hook(_gate_output(layer.output_gate, dropout))
             )
         model.train()
-        indices = range(rank, len(batches), world_size)
+        indices = batch_share(len(batches))
+        shown = progress and indices.start == 0  # rank 0's only
         with _frozen(model), _forked_rng(model):
-            for index in tqdm(indices, desc="cofitune importance", disable=not progress or rank):
+            for index in tqdm(indices, desc="cofitune importance", disable=not shown):
                 inputs = _model_inputs(batches[index], input_device)
                 keep = inputs["attention_mask"] != 0
                 batch_tokens = int(keep.sum())
@@ -190,6 +190,13 @@ def compute_importance(
         output=torch.stack([s.cpu() for s in output_sums]) / tokens,
         tokens=tokens,
     )
+
+
+def batch_share(count: int) -> range:
+    """The indices, among `count` global batches, of those this rank computes: every
+    world-size-th from its rank under torch.distributed, else all of them."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+    return range(rank, count, world_size)
 
 
 def _dropout(x: Tensor, p: float) -> Tensor:

@@ -193,6 +193,10 @@ def importance(run_dir: Path, model_dir: Path, engine: str | None) -> Path:
         command = (*launch, str(free_port()), "-m", "axolotl.cli.main", *command)
         result = run_axolotl(*command, cwd=run_dir, program="accelerate")
     assert result.returncode == 0, result.stderr[-6000:]
+    if engine is not None:  # the ranks joined and split the batches (else each ran all three)
+        log = result.stdout + result.stderr
+        for share in ("rank 0 of 2: batches [0, 2] of 3", "rank 1 of 2: batches [1] of 3"):
+            assert f"cofitune: importance on {share}" in log, log[-3000:]
     return run_dir / "importance"
 
 
