@@ -115,13 +115,21 @@ ENGINE_LOG = {
 MODES = ("update", "gradient")
 
 
+def session_shared(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A directory this session's pytest-xdist workers share: their base temp dirs' parent. Without
+    xdist that parent outlives the session (it would hand an older run's results to this one), so
+    then the session's own base temp dir."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, tiny_models, llama_importance) -> dict[str, dict]:
     """Final weights of a one-process run per mask mode, the reference for every engine. The
     engines' tests may run on several pytest-xdist workers: the first to get here trains the
     references into the session's shared temp dir, under a file lock, and the others read them
     (the xdist documentation's recipe for a fixture computed once)."""
-    shared = tmp_path_factory.getbasetemp().parent / "sharded-one-process"
+    shared = session_shared(tmp_path_factory, "sharded-one-process")
     shared.mkdir(exist_ok=True)
     with FileLock(shared / "lock"):
         for mode in MODES:
@@ -204,7 +212,7 @@ def importance(run_dir: Path, model_dir: Path, engine: str | None) -> Path:
 def one_process_importance(tmp_path_factory, tiny_models) -> Path:
     """The one-process importance of the recipe, computed once for every engine's test (under a
     file lock, as `one_process`)."""
-    shared = tmp_path_factory.getbasetemp().parent / "sharded-one-process-importance"
+    shared = session_shared(tmp_path_factory, "sharded-one-process-importance")
     shared.mkdir(exist_ok=True)
     with FileLock(shared / "lock"):
         if not (shared / "run" / "importance" / "manifest.json").exists():
