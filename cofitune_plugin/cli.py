@@ -8,7 +8,6 @@
 - `axolotl cofitune-plan`: the memory a recipe needs per GPU, by role, before renting GPUs.
 """
 
-import itertools
 import os
 import time
 from pathlib import Path
@@ -30,23 +29,22 @@ UNSHARDED_KEYS = ("deepspeed", "fsdp", "fsdp_config", "fsdp_version")
     default=None,
     help="Directory to write; default: the first of cofitune.soft_mask.importance.",
 )
-@click.option("--max-batches", type=int, default=None, help="Stop after this many batches.")
+@click.option(
+    "--max-batches", type=int, default=None, help="Stop after this many batches (all ranks')."
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing importance directory.")
 def importance(config: str, output: Path | None, max_batches: int | None, overwrite: bool) -> None:
     """Compute unit importance for CONFIG's model on cofitune.soft_mask.datasets (default: the
-    training datasets) and write importance.safetensors + manifest.json."""
-    _refuse_several_processes(
-        "cofitune-importance",
-        "runs in one process (it loads the model whole, also for a DeepSpeed or FSDP recipe, and "
-        "its one artifact serves training under every launcher)",
-    )
+    training datasets) and write importance.safetensors + manifest.json. Under a multi-process
+    launcher each rank loads the whole model and takes its share of the same batches; the
+    artifact is the one-process one."""
     from axolotl.cli.config import load_cfg
     from axolotl.common.datasets import load_datasets
     from axolotl.train import setup_model_and_trainer
 
     from cofitune_plugin.architectures import architecture_for
     from cofitune_plugin.args import RecipeError, check_recipe
-    from cofitune_plugin.importance import compute_importance
+    from cofitune_plugin.importance import batch_share, compute_importance, global_batches
     from cofitune_plugin.importance_store import (
         MANIFEST_FILE,
         data_fingerprint,
@@ -89,7 +87,10 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
     text_config = model.config.get_text_config()
     architecture = architecture_for(text_config.model_type)
     layer_prefix = find_decoder_layers(model, text_config.num_hidden_layers)
-    batches = [dict(b) for b in itertools.islice(trainer.get_train_dataloader(), max_batches)]
+    seed = trainer.args.seed
+    batches = global_batches(
+        trainer.train_dataset, trainer.data_collator, cfg.micro_batch_size, seed, max_batches
+    )
     manifest = {
         **model_manifest(model, architecture, layer_prefix),
         "base_model": cfg.base_model,
@@ -97,21 +98,34 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
         "sequence_len": cfg.sequence_len,
         "dropout": soft_mask.dropout,
         "batches": len(batches),
+        "seed": seed,
     }
 
+    share = batch_share(len(batches))
+    LOG.info(
+        "cofitune: importance on rank %d of %d: batches %s of %d",
+        share.start,
+        share.step,
+        list(share),
+        len(batches),
+        main_process_only=False,
+    )
     start = time.perf_counter()
-    raw = compute_importance(model, batches, architecture, layer_prefix, dropout=soft_mask.dropout)
+    raw = compute_importance(
+        model, batches, architecture, layer_prefix, dropout=soft_mask.dropout, seed=seed
+    )
     seconds = time.perf_counter() - start
     if trainer.accelerator.is_main_process:
         save_importance(raw, output, manifest, overwrite=overwrite)
-    LOG.info(
-        "cofitune: importance of %s over %s tokens in %.1f s (%.0f tokens/s) written to %s",
-        cfg.base_model,
-        f"{raw.tokens:,}",
-        seconds,
-        raw.tokens / seconds,
-        output,
-    )
+        LOG.info(
+            "cofitune: importance of %s over %s tokens in %.1f s (%.0f tokens/s) written to %s",
+            cfg.base_model,
+            f"{raw.tokens:,}",
+            seconds,
+            raw.tokens / seconds,
+            output,
+        )
+    trainer.accelerator.wait_for_everyone()  # no rank exits before the artifact exists
 
 
 @click.command("cofitune-search")

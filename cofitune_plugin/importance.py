@@ -8,12 +8,21 @@ divergence between the two passes with respect to each gate says how much that u
 output distribution. The gates are forward hooks, so any supported Hugging Face model works
 unmodified.
 
-This module is plain PyTorch and measures only: `plugin.py` and the CLI feed it batches, and
+A batch's contribution depends on the batch alone, not on which process computes it nor on how
+many there are: its dropout noise is drawn after seeding from (seed, the batch's index in the
+data), not from whatever state the RNG was left in by what ran before. So ranks that split the
+batches between them and sum what they got give one process's importance, up to the order of
+float additions. Under a multi-process launcher every rank lays out the same batches
+(`global_batches`) and computes every world-size-th of them, each with the whole model.
+
+This module is plain PyTorch and measures only: the CLI feeds it batches, and
 `importance_store.py` stores what it returns; the rule that turns it into masks (normalise,
 combine, 1 - I per row) is `softmask.py`'s.
 """
 
-from collections.abc import Iterable, Iterator
+import hashlib
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -22,11 +31,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
 from cofitune_plugin.architectures import Architecture
 
 UNITS = ("head", "intermediate", "output")
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+"""The batch keys `compute_importance` feeds the model."""
 
 
 class ImportanceError(ValueError):
@@ -61,12 +73,38 @@ class _HookedLayer:
     output_gate: Tensor
 
 
+def global_batches(
+    dataset: Any,
+    collate_fn: Callable[[list[dict]], dict[str, Tensor]],
+    batch_size: int,
+    seed: int,
+    max_batches: int | None = None,
+) -> list[dict[str, Tensor]]:
+    """The batches of an importance run, the same list on every rank: the model inputs of
+    `dataset` (a `datasets.Dataset`) in an order drawn from `seed`, `batch_size` rows each,
+    collated by `collate_fn`, the first `max_batches` of them.
+
+    Not a trainer's dataloader: under several processes accelerate deals its batches to the
+    ranks round-robin and pads the last round with repeated rows, so no rank would hold the
+    batches of one process; `compute_importance` splits this list itself.
+    """
+    inputs = dataset.select_columns([c for c in MODEL_INPUTS if c in dataset.column_names])
+    loader = DataLoader(
+        inputs,
+        batch_size=batch_size,
+        sampler=RandomSampler(inputs, generator=torch.Generator().manual_seed(seed)),
+        collate_fn=collate_fn,
+    )
+    return [dict(batch) for batch in itertools.islice(loader, max_batches)]
+
+
 def compute_importance(
     model: nn.Module,
-    batches: Iterable[dict[str, Tensor]],
+    batches: Sequence[dict[str, Tensor]],
     architecture: Architecture,
     layer_prefix: str,
     dropout: float = 0.003,
+    seed: int = 0,
     progress: bool = True,
 ) -> RawImportance:
     """Accumulate DAS importance of every head, FFN neuron and FFN output over `batches`.
@@ -81,10 +119,17 @@ def compute_importance(
 
     The dropout noise (probability `dropout`) is injected on the head outputs (input of the
     attention output projection) and on the MLP output, because Hugging Face models have no
-    dropout there: without it both passes agree and every gradient is zero. Under
-    torch.distributed the sums and token counts are all-reduced, so every rank returns the
-    token-weighted mean over all ranks' data. Gradient checkpointing must be off or
-    non-reentrant (reentrant checkpointing hides the gates from `autograd.grad`).
+    dropout there: without it both passes agree and every gradient is zero. Batch k's noise is
+    drawn with the global RNG freshly seeded from (`seed`, k), so it does not depend on what ran
+    before; the caller's RNG state is restored afterwards. Not a private `torch.Generator`:
+    gradient checkpointing replays only the global RNG when it recomputes a layer in the
+    backward, and a private generator would draw other noise there than in the forward.
+
+    Under torch.distributed every rank passes the same `batches` and runs batches rank,
+    rank + world size, ... (`batch_share`); the sums and token counts are then all-reduced, so
+    every rank returns the token-weighted mean over all batches, which equals one process's up
+    to the order of float additions. Progress shows on rank 0 only. Gradient checkpointing must
+    be off or non-reentrant (reentrant checkpointing hides the gates from `autograd.grad`).
     """
     layers = _hook_points(model, architecture, layer_prefix)
     n_heads = _text_config(model).num_attention_heads
@@ -112,13 +157,16 @@ def compute_importance(
                 layer.ffn_down.register_forward_hook(_gate_output(layer.output_gate, dropout))
             )
         model.train()
-        with _frozen(model):
-            for batch in tqdm(batches, desc="cofitune importance", disable=not progress):
-                inputs = _model_inputs(batch, input_device)
+        indices = batch_share(len(batches))
+        shown = progress and indices.start == 0  # rank 0's only
+        with _frozen(model), _forked_rng(model):
+            for index in tqdm(indices, desc="cofitune importance", disable=not shown):
+                inputs = _model_inputs(batches[index], input_device)
                 keep = inputs["attention_mask"] != 0
                 batch_tokens = int(keep.sum())
                 if batch_tokens == 0:
                     continue
+                torch.manual_seed(_batch_seed(seed, index))
                 logits1 = model(**inputs, use_cache=False).logits[keep].float()
                 logits2 = model(**inputs, use_cache=False).logits[keep].float()
                 loss = F.kl_div(
@@ -132,7 +180,7 @@ def compute_importance(
             handle.remove()
         model.train(was_training)
 
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         tokens = _all_reduce_sums(sums, tokens, input_device)
     if tokens == 0:
         raise ImportanceError("cofitune importance: the data held no non-pad token")
@@ -142,6 +190,33 @@ def compute_importance(
         output=torch.stack([s.cpu() for s in output_sums]) / tokens,
         tokens=tokens,
     )
+
+
+def batch_share(count: int) -> range:
+    """The indices, among `count` global batches, of those this rank computes: every
+    world-size-th from its rank under torch.distributed, else all of them."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+    return range(rank, count, world_size)
+
+
+def _dropout(x: Tensor, p: float) -> Tensor:
+    """`x` with each element zeroed with probability p, the rest scaled by 1 / (1 - p)."""
+    keep = torch.rand(x.shape, device=x.device) >= p
+    return x * keep.to(x.dtype) / (1 - p)
+
+
+def _batch_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for batch `index` of a run seeded with `seed`."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{index}".encode()).digest()[:8], "little") >> 1
+
+
+@contextmanager
+def _forked_rng(model: nn.Module) -> Iterator[None]:
+    """The global RNG of the CPU and of the model's accelerator devices, restored on exit."""
+    devices = {p.device for p in model.parameters() if p.device.type not in ("cpu", "meta")}
+    device_type = next(iter(devices)).type if devices else None
+    with torch.random.fork_rng(devices=[d.index for d in devices], device_type=device_type):
+        yield
 
 
 def unit_counts(model: nn.Module, architecture: Architecture, layer_prefix: str) -> dict[str, int]:
@@ -202,7 +277,7 @@ def _gate_heads(gate: Tensor, n_heads: int, dropout: float):
     """Pre-hook on the attention output projection: noise, then one gate per query head."""
 
     def hook(module: nn.Module, args: tuple) -> tuple:
-        heads = F.dropout(args[0], dropout, training=True).unflatten(-1, (n_heads, -1))
+        heads = _dropout(args[0], dropout).unflatten(-1, (n_heads, -1))
         return ((heads * gate.to(heads.dtype)[:, None]).flatten(-2), *args[1:])
 
     return hook
@@ -221,7 +296,7 @@ def _gate_output(gate: Tensor, dropout: float):
     """Forward hook on the down projection: noise on the MLP output, then one gate per dim."""
 
     def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        return F.dropout(output, dropout, training=True) * gate.to(output.dtype)
+        return _dropout(output, dropout) * gate.to(output.dtype)
 
     return hook
 
@@ -249,6 +324,10 @@ def _model_inputs(batch: dict[str, Tensor], device: torch.device) -> dict[str, T
     if batch.get("position_ids") is not None:
         inputs["position_ids"] = batch["position_ids"].to(device)
     return inputs
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def _all_reduce_sums(sums: list[Tensor], tokens: int, device: torch.device) -> int:

@@ -181,10 +181,10 @@ def write_recipe(tmp_path: Path, cfg: dict) -> Path:
 
 
 def run_axolotl(
-    *args: str, cwd: Path, env: dict[str, str | None] | None = None
+    *args: str, cwd: Path, env: dict[str, str | None] | None = None, program: str = "axolotl"
 ) -> subprocess.CompletedProcess:
     """Run the real `axolotl` CLI of this environment in a subprocess (`env`: extra variables;
-    None removes one).
+    None removes one; `program`: another command of the environment, e.g. `accelerate`).
 
     OMP_NUM_THREADS=1 is exported as a user's choice, which the plugin keeps (tiny models run
     fastest on one thread, and the test workers share the cores); `env={"OMP_NUM_THREADS":
@@ -193,7 +193,7 @@ def run_axolotl(
     path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
     variables = {**os.environ, **OFFLINE_ENV, "PATH": path, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
-        [str(bin_dir / "axolotl"), *args],
+        [str(bin_dir / program), *args],
         cwd=cwd,
         env={key: value for key, value in variables.items() if value is not None},
         capture_output=True,

@@ -15,7 +15,6 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_launchers import free_port
 from tokenizers import decoders
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -67,46 +66,15 @@ def test_importance_command_needs_a_soft_mask_block(tmp_path, tiny_models):
         importance_command.main([str(write_recipe(tmp_path, cfg))], standalone_mode=False)
 
 
-@pytest.mark.parametrize(
-    ("command", "name"),
-    [(importance_command, "cofitune-importance"), (search_command, "cofitune-search")],
-)
-def test_one_process_commands_stop_on_a_rank_before_reading_the_recipe(
-    tmp_path, monkeypatch, command, name
-):
+def test_search_stops_on_a_rank_before_reading_the_recipe(tmp_path, monkeypatch):
     """WORLD_SIZE is what every launcher (torchrun, `accelerate launch`) sets on its ranks; the
-    recipe is not even read (it is not one), let alone a model loaded."""
+    recipe is not even read (it is not one), let alone a model loaded. (`cofitune-importance`
+    runs under a launcher: tests/test_sharded.py.)"""
     monkeypatch.setenv("WORLD_SIZE", "2")
     not_a_recipe = tmp_path / "recipe.yml"
     not_a_recipe.write_text("[")
-    with pytest.raises(click.ClickException, match=f"start it with `axolotl {name}`, not under"):
-        command.main([str(not_a_recipe)], standalone_mode=False)
-
-
-@pytest.mark.axolotl
-def test_importance_command_refuses_a_multi_process_launch_before_loading(tmp_path, tiny_models):
-    """Started by torchrun on 2 CPU processes (PyTorch's launcher, as a user would start the
-    ranks of a sharded run), each rank stops with the fix before loading anything, and nothing
-    is written: the command's artifact is a one-process one (see README, "Importance under a
-    launcher")."""
-    importance = tmp_path / "importance"
-    cfg = recipe(tmp_path, tiny_models["llama"], cofitune=soft_mask_block(importance))
-    bin_dir = Path(sys.executable).parent
-    launch = [str(bin_dir / "torchrun"), "--nproc-per-node", "2", "--master-port"]
-    command = ["-m", "axolotl.cli.main", "cofitune-importance", str(write_recipe(tmp_path, cfg))]
-    result = subprocess.run(
-        [*launch, str(free_port()), *command],
-        cwd=tmp_path,
-        env={**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode != 0
-    refusal = "cofitune-importance runs in one process"
-    assert result.stderr.count(refusal) == 2, result.stderr[-4000:]
-    assert "start it with `axolotl cofitune-importance`" in result.stderr
-    assert not importance.exists()
+    with pytest.raises(click.ClickException, match="start it with `axolotl cofitune-search`, not"):
+        search_command.main([str(not_a_recipe)], standalone_mode=False)
 
 
 @pytest.mark.axolotl

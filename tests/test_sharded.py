@@ -123,13 +123,21 @@ ENGINE_LOG = {
 MODES = ("update", "gradient")
 
 
+def session_shared(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A directory this session's pytest-xdist workers share: their base temp dirs' parent. Without
+    xdist that parent outlives the session (it would hand an older run's results to this one), so
+    then the session's own base temp dir."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, tiny_models, llama_importance) -> dict[str, dict]:
     """Final weights of a one-process run per mask mode, the reference for every engine. The
     engines' tests may run on several pytest-xdist workers: the first to get here trains the
     references into the session's shared temp dir, under a file lock, and the others read them
     (the xdist documentation's recipe for a fixture computed once)."""
-    shared = tmp_path_factory.getbasetemp().parent / "sharded-one-process"
+    shared = session_shared(tmp_path_factory, "sharded-one-process")
     shared.mkdir(exist_ok=True)
     with FileLock(shared / "lock"):
         for mode in MODES:
@@ -182,30 +190,63 @@ def test_flat_rows_pairs_every_element_of_a_partition_with_its_rows_factor():
             assert torch.equal(values, expected), (start, length)
 
 
+def importance(run_dir: Path, model_dir: Path, engine: str | None) -> Path:
+    """`axolotl cofitune-importance` over 3 batches (an odd count: rank 0 takes 2, rank 1 one)
+    of `engine`'s recipe, on 2 CPU processes through `accelerate launch`, or on one process
+    when `engine` is None. The recipe keeps the engine's keys; the command clears them."""
+    run_dir.mkdir()
+    settings = dict(ENGINES.get(engine, {}))
+    if stage := settings.pop("zero_stage", None):
+        config = {**ZERO_CONFIG, "zero_optimization": {"stage": stage}}
+        (run_dir / "zero.json").write_text(json.dumps(config))
+        settings["deepspeed"] = str(run_dir / "zero.json")
+    cfg = recipe(run_dir, model_dir, cofitune=soft_mask_block(run_dir / "importance"), **settings)
+    command = ("cofitune-importance", str(write_recipe(run_dir, cfg)), "--max-batches", "3")
+    if engine is None:
+        result = run_axolotl(*command, cwd=run_dir)
+    else:
+        launch = ("launch", "--multi_gpu", "--num_processes", "2", "--main_process_port")
+        command = (*launch, str(free_port()), "-m", "axolotl.cli.main", *command)
+        result = run_axolotl(*command, cwd=run_dir, program="accelerate")
+    assert result.returncode == 0, result.stderr[-6000:]
+    if engine is not None:  # the ranks joined and split the batches (else each ran all three)
+        log = result.stdout + result.stderr
+        for share in ("rank 0 of 2: batches [0, 2] of 3", "rank 1 of 2: batches [1] of 3"):
+            assert f"cofitune: importance on {share}" in log, log[-3000:]
+    return run_dir / "importance"
+
+
+@pytest.fixture(scope="module")
+def one_process_importance(tmp_path_factory, tiny_models) -> Path:
+    """The one-process importance of the recipe, computed once for every engine's test (under a
+    file lock, as `one_process`)."""
+    shared = session_shared(tmp_path_factory, "sharded-one-process-importance")
+    shared.mkdir(exist_ok=True)
+    with FileLock(shared / "lock"):
+        if not (shared / "run" / "importance" / "manifest.json").exists():
+            shutil.rmtree(shared / "run", ignore_errors=True)
+            importance(shared / "run", tiny_models["llama"], None)
+    return shared / "run" / "importance"
+
+
 @pytest.mark.axolotl
-def test_zero3_recipe_importance_is_the_one_process_artifact(
-    tmp_path, tiny_models, llama_importance
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_importance_under_each_launcher_is_the_one_process_artifact(
+    engine, tmp_path, tiny_models, one_process_importance
 ):
-    """`axolotl cofitune-importance` on a ZeRO-3 recipe loads the model whole (a partitioned one
-    has no engine to gather it for the importance passes) and writes what the same recipe
-    without DeepSpeed writes: the manifest that training under ZeRO-3 checks it against."""
-    zero3 = tmp_path / "zero3.json"
-    zero3.write_text(json.dumps({**ZERO_CONFIG, "zero_optimization": {"stage": 3}}))
-    importance = tmp_path / "importance"
-    cfg = recipe(
-        tmp_path,
-        tiny_models["llama"],
-        cofitune=soft_mask_block(importance),
-        deepspeed=str(zero3),
-    )
-    result = run_axolotl(
-        "cofitune-importance", str(write_recipe(tmp_path, cfg)), "--max-batches", "2", cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    written = json.loads((importance / "manifest.json").read_text())
-    reference = json.loads((llama_importance / "manifest.json").read_text())
-    for field in ("fingerprint", "model_type", "num_layers", "n_heads", "d_ff", "d_model"):
-        assert written[field] == reference[field], field
+    """fsdp2, zero2 and zero3 recipes, `cofitune-importance` on 2 CPU processes: the one-process
+    manifest (weight and data fingerprints, batches, tokens) and its tensors within float32
+    rounding of sums taken in another order (rtol 1e-5, atol 1e-6 of the largest element: a
+    rank that drew other noise, took other batches or counted its own tokens only is off by
+    the values' own size)."""
+    written = importance(tmp_path / engine, tiny_models["llama"], engine)
+    reference = json.loads((one_process_importance / "manifest.json").read_text())
+    assert json.loads((written / "manifest.json").read_text()) == reference
+    assert reference["batches"] == 3
+    expected = load_file(one_process_importance / "importance.safetensors")
+    for name, tensor in load_file(written / "importance.safetensors").items():
+        scale = expected[name].abs().max().item()
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6 * scale)
 
 
 # AdamW with weight decay: the optimizer state (moments, step count) must come back from the
