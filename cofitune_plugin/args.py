@@ -147,8 +147,9 @@ class VersatilityConfig(BaseModel):
 class SearchWeights(BaseModel):
     """Uni = speciality * Spec + versatility * Vers. Speciality counts twice by default: trials
     are short, and a short trial understates how far a selection falls behind in the domain
-    (measured in README "Evidence": `mha` trailed `ffn` by 0.03 exact match after 15 steps and
-    by 0.15 after 100), while what it keeps of general ability already shows."""
+    (measured with the forgetting benchmark at 2e-4, README "The search": `mha` trailed `ffn` by
+    0.03 exact match after 15 steps and by 0.15 after 100), while what it keeps of general
+    ability already shows."""
 
     model_config = ConfigDict(extra="forbid")
 

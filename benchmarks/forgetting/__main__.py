@@ -252,8 +252,8 @@ def _jobs(work: Path, recipe: Path, methods: list[Method], plan: dict) -> list[J
 def _write_recipe(work: Path, budget: dict) -> Path:
     """The demo recipe, pointed at this benchmark's records and dates data, at the budget's
     length; the search chooses on the dev split, scoring its trials by the NLL of the reference
-    answers: at a small rate a short trial does not yet answer in the domain's format, so exact
-    match would be 0 for every candidate and rank none of them."""
+    answers, which ranks candidates however little a short trial at a small rate has learned
+    (exact match counts only answers already in the domain's format)."""
     data = work / "data"
     recipe = yaml.safe_load(BASE_RECIPE.read_text())
     block = recipe["cofitune"]
