@@ -105,7 +105,8 @@ BUDGETS = {
             "selection": [1e-4, 3e-4],
         },
         "importance_batches": 32,
-        "search": {"trial": {"max_steps": 50, "micro_batch_size": 8}},
+        # as on the CPU: the trials at the default's middle rate
+        "search": {"trial": {"max_steps": 50, "micro_batch_size": 8, "learning_rate": 1e-4}},
         "evaluation": {
             "exact_match_limit": 500,
             "speciality_limit": 500,
