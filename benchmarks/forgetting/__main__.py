@@ -49,7 +49,14 @@ RECORDS = ("importance", "search", BASE_FILE, RUNS_FILE)  # what a plan's run le
 BUDGETS = {
     "cpu": {
         "training": "cosine schedule, AdamW, float32, dates domain (short answers)",
-        "recipe": {"max_steps": 100, "micro_batch_size": 8, "bf16": False},
+        # Batches padded to their longest row (69-77 tokens), not to Axolotl's default multiple
+        # of 64 (128): a CPU computes every padded position, so each step costs ~40% less.
+        "recipe": {
+            "max_steps": 100,
+            "micro_batch_size": 8,
+            "bf16": False,
+            "pad_to_sequence_len": False,
+        },
         "learning_rates": {
             "full": [2e-5, 6e-5, 2e-4],
             "default": [2e-5, 3e-5, 5e-5],
