@@ -47,6 +47,15 @@ GOALS = {"cpu": 1.03, "cuda": 1.02}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=Path("demo/smollm2-135m-instruct"))
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="a model config.json: build that model with random weights instead of loading "
+        "--model's (the tokenizer still comes from --model). A step's cost does not depend on the "
+        "weights' values, so this measures a larger model's shape, or a machine without the "
+        "demo's weights",
+    )
     parser.add_argument("--data", type=Path, default=Path("demo/data/train.jsonl"))
     parser.add_argument("--layers", default="25%-50%")
     parser.add_argument("--modules", default="ffn", help="comma-separated, e.g. ffn or ffn,mha")
@@ -334,11 +343,23 @@ def machine(device: torch.device) -> dict[str, object]:
     return info
 
 
+def load_model(
+    model_dir: Path, config: Path | None, dtype: torch.dtype, device: torch.device
+) -> nn.Module:
+    """The model whose steps are timed: `model_dir`'s weights, or `config`'s shape at random."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if config is None:
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    with device:  # initialised where it runs: a 7B model's random init on a CPU takes minutes
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config), dtype=dtype)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    if not (args.model / "config.json").is_file():
+    if not (args.model / "tokenizer_config.json").is_file():
         sys.exit(
             f"{args.model} is not a model directory: run `python -m cofitune_plugin.demo "
             "--out demo` first"
@@ -356,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
     start_time = time.monotonic()
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
+    model = load_model(args.model, args.config, dtype, device)
     selection: Selection = select(model, args.layers, args.modules.split(","))
     for name, param in model.named_parameters():
         param.requires_grad_(name in selection.parameters)
@@ -497,6 +518,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {**machine(device), "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
         "setting": {
             "model": str(args.model),
+            "random_weights_from_config": str(args.config) if args.config else None,
             "dtype": args.dtype,
             "autocast": "bfloat16" if dtype == torch.bfloat16 else None,
             "layers": args.layers,
