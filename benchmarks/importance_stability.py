@@ -30,6 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from cofitune_plugin.importance import UNITS, RawImportance, compute_importance
+from cofitune_plugin.jsonl import read_records
 from cofitune_plugin.selection import select
 from cofitune_plugin.softmask import combine
 
@@ -74,7 +75,7 @@ def default_text() -> Path:
 
 
 def load_batches(args: argparse.Namespace, tokenizer, count: int) -> list[dict[str, Tensor]]:
-    texts = [json.loads(line)[args.field] for line in args.text.read_text().splitlines()]
+    texts = [row[args.field] for row in read_records(args.text, dict)]
     needed = count * args.batch_size
     if len(texts) < needed:
         sys.exit(f"{args.text} has {len(texts)} rows; --sizes needs {needed}")
