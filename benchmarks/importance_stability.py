@@ -1,15 +1,24 @@
-"""How many batches the importance needs before the soft masks stop moving.
+"""How many batches each importance estimator needs before the soft masks stop moving.
 
-The importance is an estimate over the general text `cofitune-importance` reads (all of it
-unless `--max-batches`), and its noise reaches the masks: 1 - I per row. This measures that noise
-with independent estimates: 2 * max(--sizes) batches, each with its own dropout seed; for every
-size n, the batches are cut into disjoint pairs of n-batch estimates A and B, and each pair's
-normalised importance (the plugin's `combine`, what the masks are made of) is compared unit by
-unit. |I_A - I_B| is how far a mask row moves when the same recipe runs on another n batches
-(`--pairs same-text`: on the same batches, with other dropout draws).
+The importance is an estimate over the general text `cofitune-importance` reads (its first
+`soft_mask.max_batches` batches), and its noise reaches the masks: 1 - I per row. For each
+estimator (`das`, the paper's; `fisher`; `activation`: `cofitune_plugin/importance.py`) this
+computes 2 * max(--sizes) batches one at a time and, for every size n, cuts them into disjoint
+pairs of n-batch estimates A and B (split halves of the text) and compares each pair's normalised
+importance I (the plugin's `combine`, what the masks are made of), per unit type:
 
-    python benchmarks/importance_stability.py                      # CPU: slow (~16 s a batch)
-    python benchmarks/importance_stability.py --device cuda --sizes 8 16 32 64
+- the Spearman correlation of I_A and I_B over all layers' units, and within each layer (the
+  median over layers);
+- the overlap of their top 10% of units;
+- |I_A - I_B| (largest, mean, share over 0.05);
+- the Spearman-Brown projection of the correlation to an estimate over both halves (2n batches),
+  2r / (1 + r): the reliability of the pooled 2n-batch importance.
+
+The medians over the pairs are reported, and the seconds per batch of each estimator.
+`--pairs same-text` compares the same batches under other dropout draws (only `das` draws any).
+
+    python benchmarks/importance_stability.py                      # CPU: all three estimators
+    python benchmarks/importance_stability.py --device cuda --sizes 16 64 256
 
 Only the plugin's plain-PyTorch API (`compute_importance`, `combine`); no Axolotl. The text is
 what the forgetting benchmark's importance reads: BoolQ passages (Wikipedia), packaged with
@@ -29,7 +38,14 @@ from machine import describe
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from cofitune_plugin.importance import UNITS, RawImportance, compute_importance
+from cofitune_plugin.importance import (
+    DEFAULT_BATCHES,
+    ESTIMATORS,
+    NORMALIZATION,
+    UNITS,
+    RawImportance,
+    compute_importance,
+)
 from cofitune_plugin.jsonl import read_records
 from cofitune_plugin.selection import select
 from cofitune_plugin.softmask import combine
@@ -44,25 +60,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--field", default="passage")
     parser.add_argument("--batch-size", type=int, default=8, help="the benchmark recipe's")
     parser.add_argument("--seq-len", type=int, default=256, help="the benchmark recipe's")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--estimators", nargs="+", choices=ESTIMATORS, default=list(ESTIMATORS))
     parser.add_argument(
-        "--dropout", type=float, default=0.003, help="the noise (`soft_mask.dropout`)"
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[DEFAULT_BATCHES, 4 * DEFAULT_BATCHES],
+        help="batches per estimate (default: the product's default budget and 4x)",
+    )
+    parser.add_argument(
+        "--dropout", type=float, default=0.003, help="das's noise (`soft_mask.dropout`)"
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument(
-        "--pool",
-        choices=["signed", "abs"],
-        default="signed",
-        help="signed: the batches' gate gradients summed, as the plugin (and DAS) do; abs: "
-        "their magnitudes, for comparison",
-    )
-    parser.add_argument(
         "--pairs",
         choices=["disjoint", "same-text"],
         default="disjoint",
-        help="disjoint: the two estimates of a pair read other text; same-text: the same "
-        "batches, other dropout noise (how much of the spread is the noise's)",
+        help="disjoint: the two estimates of a pair read other text (split halves); same-text: "
+        "the same batches, other dropout noise (how much of das's spread is the noise's)",
     )
     parser.add_argument("--output", type=Path, default=None)
     return parser.parse_args(argv)
@@ -96,13 +112,11 @@ Estimate = list[RawImportance]
 """The per-batch importances one estimate pools."""
 
 
-def pooled(runs: Estimate, absolute: bool) -> dict[str, Tensor]:
+def pooled(runs: Estimate) -> dict[str, Tensor]:
     """The importance of several batches from each one's: the token-weighted mean, as one
-    `compute_importance` call over all of them pools them (`absolute`: of each batch's magnitude
-    instead, as Michel et al. 2019 sum |gradient| per batch)."""
+    `compute_importance` call over all of them pools them."""
     tokens = sum(run.tokens for run in runs)
-    sign = torch.abs if absolute else torch.clone
-    return {unit: sum(sign(getattr(r, unit)) * r.tokens for r in runs) / tokens for unit in UNITS}
+    return {unit: sum(getattr(r, unit) * r.tokens for r in runs) / tokens for unit in UNITS}
 
 
 def pairs(first: Estimate, second: Estimate | None, n: int) -> list[tuple[Estimate, Estimate]]:
@@ -121,30 +135,79 @@ def spearman(a: Tensor, b: Tensor) -> float:
     return float(torch.corrcoef(torch.stack([ranks_a, ranks_b]))[0, 1])
 
 
-def compare(
-    estimates: list[tuple[Estimate, Estimate]], absolute: bool
-) -> dict[str, dict[str, float]]:
+def top_overlap(a: Tensor, b: Tensor, share: float = 0.1) -> float:
+    """The share of A's top `share` of units (over all layers) that are in B's top too."""
+    k = max(1, int(a.numel() * share))
+    top_a = set(a.flatten().topk(k).indices.tolist())
+    top_b = set(b.flatten().topk(k).indices.tolist())
+    return len(top_a & top_b) / k
+
+
+def spearman_brown(r: float) -> float:
+    """The reliability of an estimate over both halves from the halves' correlation."""
+    return 2 * r / (1 + r)
+
+
+def compare(estimates: list[tuple[Estimate, Estimate]], normalization: str) -> dict[str, dict]:
     """Per unit, the median over the pairs of how far I moves from one estimate to the other."""
-    figures: dict[str, dict[str, list[float]]] = {
-        unit: {"max_abs_diff": [], "mean_abs_diff": [], "share_over_0.05": [], "spearman": []}
-        for unit in UNITS
-    }
+    keys = ("spearman", "spearman_within_layer", "top10_overlap")
+    keys += ("max_abs_diff", "mean_abs_diff", "share_over_0.05")
+    figures: dict[str, dict[str, list[float]]] = {u: {k: [] for k in keys} for u in UNITS}
     for runs_a, runs_b in estimates:
-        a = combine([pooled(runs_a, absolute)])
-        b = combine([pooled(runs_b, absolute)])
+        a = combine([pooled(runs_a)], normalization)
+        b = combine([pooled(runs_b)], normalization)
         for unit in UNITS:
             ia, ib = getattr(a, unit), getattr(b, unit)
             diff = (ia - ib).abs()
-            figures[unit]["max_abs_diff"].append(float(diff.max()))
-            figures[unit]["mean_abs_diff"].append(float(diff.mean()))
-            figures[unit]["share_over_0.05"].append(float((diff > 0.05).float().mean()))
-            figures[unit]["spearman"].append(spearman(ia, ib))
-    return {
-        unit: {
+            unit_figures = figures[unit]
+            unit_figures["spearman"].append(spearman(ia, ib))
+            within = [spearman(row_a, row_b) for row_a, row_b in zip(ia, ib)]
+            unit_figures["spearman_within_layer"].append(statistics.median(within))
+            unit_figures["top10_overlap"].append(top_overlap(ia, ib))
+            unit_figures["max_abs_diff"].append(float(diff.max()))
+            unit_figures["mean_abs_diff"].append(float(diff.mean()))
+            unit_figures["share_over_0.05"].append(float((diff > 0.05).float().mean()))
+    result = {}
+    for unit, values in figures.items():
+        medians = {key: statistics.median(v) for key, v in values.items()}
+        result[unit] = {
             "pairs": len(values["spearman"]),
-            **{key: statistics.median(v) for key, v in values.items()},
+            **medians,
+            "spearman_brown_2x": spearman_brown(medians["spearman"]),
         }
-        for unit, values in figures.items()
+    return result
+
+
+def measure(args: argparse.Namespace, model, batches, selection, estimator: str) -> dict:
+    """One estimator's per-batch importances, compared pair by pair at every size."""
+    same_text = args.pairs == "same-text"
+    # batch k's dropout noise is seeded by k: the second pass over the same text draws anew
+    seeds = range(len(batches) * (2 if same_text else 1))
+    start = time.monotonic()
+    runs = [
+        compute_importance(
+            model,
+            [batches[k % len(batches)]],
+            selection.architecture,
+            selection.layer_prefix,
+            estimator=estimator,
+            dropout=args.dropout,
+            seed=k,
+            progress=False,
+        )
+        for k in tqdm(seeds, desc=f"{estimator}, one batch at a time")
+    ]
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.monotonic() - start
+    first, second = (runs[: len(batches)], runs[len(batches) :]) if same_text else (runs, None)
+    normalization = NORMALIZATION[estimator]
+    return {
+        "normalization": normalization,
+        "seconds_per_batch": seconds / len(runs),
+        "by_batches": {
+            n: compare(pairs(first, second, n), normalization) for n in sorted(args.sizes)
+        },
     }
 
 
@@ -159,27 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
     selection = select(model, "0%-100%", ["ffn"])  # only for the architecture and layer names
     same_text = args.pairs == "same-text"
     batches = load_batches(args, tokenizer, (1 if same_text else 2) * max(args.sizes))
-    # batch k's dropout noise is seeded by k: the second pass over the same text draws anew
-    seeds = range(len(batches) * (2 if same_text else 1))
-    progress = tqdm(seeds, desc="importance, one batch at a time")
-
-    start = time.monotonic()
-    runs = [
-        compute_importance(
-            model,
-            [batches[k % len(batches)]],
-            selection.architecture,
-            selection.layer_prefix,
-            dropout=args.dropout,
-            seed=k,
-            progress=False,
-        )
-        for k in progress
-    ]
-    seconds = time.monotonic() - start
-    first, second = (runs[: len(batches)], runs[len(batches) :]) if same_text else (runs, None)
-    absolute = args.pool == "abs"
-    sizes = {n: compare(pairs(first, second, n), absolute) for n in sorted(args.sizes)}
+    estimators = {name: measure(args, model, batches, selection, name) for name in args.estimators}
 
     result = {
         "command": shlex.join(["python", *sys.argv]),
@@ -194,29 +237,30 @@ def main(argv: list[str] | None = None) -> dict:
             "batch_size": args.batch_size,
             "seq_len": args.seq_len,
             "batches": len(batches),
-            "pool": args.pool,
             "pairs": args.pairs,
-            "tokens_per_batch_mean": statistics.mean(run.tokens for run in runs),
+            "default_batches": DEFAULT_BATCHES,
+            "tokens_per_batch_mean": statistics.mean(
+                int(b["attention_mask"].sum()) for b in batches
+            ),
         },
-        "seconds_per_batch": seconds / len(runs),
-        "by_batches": sizes,
+        "estimators": estimators,
     }
+    print(f"\n{len(batches)} batches of {args.batch_size}, {args.pairs} pairs; I = normalised")
     print(
-        f"\n{len(runs)} importance batches of {args.batch_size} in {seconds:.0f} s ({args.pool}, "
-        f"{args.pairs} pairs); I = normalised importance"
+        f"{'estimator':<10} {'s/batch':>7} {'batches':>7} {'unit':<12} {'pairs':>5} "
+        f"{'spearman':>8} {'in-layer':>8} {'top10%':>6} {'SB 2x':>6} {'mean|dI|':>8}"
     )
-    print(
-        f"{'batches':>7} {'unit':<12} {'pairs':>5} {'max |dI|':>8} {'mean |dI|':>9} "
-        f"{'|dI|>0.05':>9} {'spearman':>8}"
-    )
-    for n, units in sizes.items():
-        for unit, f in units.items():
-            print(
-                f"{n:>7} {unit:<12} {f['pairs']:>5} {f['max_abs_diff']:>8.3f} "
-                f"{f['mean_abs_diff']:>9.4f} {f['share_over_0.05']:>9.3f} {f['spearman']:>8.3f}"
-            )
+    for name, figures in estimators.items():
+        for n, units in figures["by_batches"].items():
+            for unit, f in units.items():
+                print(
+                    f"{name:<10} {figures['seconds_per_batch']:>7.2f} {n:>7} {unit:<12} "
+                    f"{f['pairs']:>5} {f['spearman']:>8.3f} {f['spearman_within_layer']:>8.3f} "
+                    f"{f['top10_overlap']:>6.3f} {f['spearman_brown_2x']:>6.3f} "
+                    f"{f['mean_abs_diff']:>8.4f}"
+                )
     device = "cuda" if args.device.startswith("cuda") else "cpu"
-    output = args.output or Path(f"benchmarks/results/importance-stability-{device}.json")
+    output = args.output or Path(f"benchmarks/results/importance-estimators-{device}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written to {output}")

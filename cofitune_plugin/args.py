@@ -5,7 +5,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+from cofitune_plugin.importance import DEFAULT_BATCHES, Estimator
 
 ADAPTER = "cofitune"
 SPLIT = "split"
@@ -51,11 +59,25 @@ class SoftMaskConfig(BaseModel):
         description="General-ability data for `cofitune-importance`, in Axolotl's `datasets` "
         "format; the training datasets when unset.",
     )
+    estimator: Estimator = Field(
+        default="das",
+        description="How `cofitune-importance` scores each unit (`importance.py`): `fisher` "
+        "(squared gate gradients of the text's own NLL), `activation` (forward only: activation "
+        "energy x the norm of the weights it feeds) or `das` (the paper's signed KL gradients "
+        "under dropout noise). Training refuses an importance measured by another estimator.",
+    )
+    max_batches: int = Field(
+        default=DEFAULT_BATCHES,
+        ge=1,
+        description="Batches (of micro_batch_size) `cofitune-importance` reads; its "
+        "--max-batches overrides it.",
+    )
     dropout: float = Field(
         default=0.003,
         gt=0,
         lt=1,
-        description="Noise injected on head and MLP outputs so the two importance passes differ.",
+        description="`das` only (the other estimators inject no noise): noise on head and MLP "
+        "outputs so the two importance passes differ.",
     )
 
 

@@ -30,12 +30,16 @@ UNSHARDED_KEYS = ("deepspeed", "fsdp", "fsdp_config", "fsdp_version")
     help="Directory to write; default: the first of cofitune.soft_mask.importance.",
 )
 @click.option(
-    "--max-batches", type=int, default=None, help="Stop after this many batches (all ranks')."
+    "--max-batches",
+    type=int,
+    default=None,
+    help="Batches to read (all ranks'); default: cofitune.soft_mask.max_batches.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing importance directory.")
 def importance(config: str, output: Path | None, max_batches: int | None, overwrite: bool) -> None:
-    """Compute unit importance for CONFIG's model on cofitune.soft_mask.datasets (default: the
-    training datasets) and write importance.safetensors + manifest.json. Under a multi-process
+    """Compute unit importance for CONFIG's model with cofitune.soft_mask.estimator on
+    cofitune.soft_mask.datasets (default: the training datasets), its first max_batches
+    batches, and write importance.safetensors + manifest.json. Under a multi-process
     launcher each rank loads the whole model and takes its share of the same batches; the
     artifact is the one-process one."""
     from axolotl.cli.config import load_cfg
@@ -89,14 +93,18 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
     layer_prefix = find_decoder_layers(model, text_config.num_hidden_layers)
     seed = trainer.args.seed
     batches = global_batches(
-        trainer.train_dataset, trainer.data_collator, cfg.micro_batch_size, seed, max_batches
+        trainer.train_dataset,
+        trainer.data_collator,
+        cfg.micro_batch_size,
+        seed,
+        max_batches or soft_mask.max_batches,
     )
     manifest = {
         **model_manifest(model, architecture, layer_prefix),
         "base_model": cfg.base_model,
         "data_fingerprint": data_fingerprint(batches),
         "sequence_len": cfg.sequence_len,
-        "dropout": soft_mask.dropout,
+        "dropout": soft_mask.dropout if soft_mask.estimator == "das" else None,
         "batches": len(batches),
         "seed": seed,
     }
@@ -112,13 +120,20 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
     )
     start = time.perf_counter()
     raw = compute_importance(
-        model, batches, architecture, layer_prefix, dropout=soft_mask.dropout, seed=seed
+        model,
+        batches,
+        architecture,
+        layer_prefix,
+        estimator=soft_mask.estimator,
+        dropout=soft_mask.dropout,
+        seed=seed,
     )
     seconds = time.perf_counter() - start
     if trainer.accelerator.is_main_process:
         save_importance(raw, output, manifest, overwrite=overwrite)
         LOG.info(
-            "cofitune: importance of %s over %s tokens in %.1f s (%.0f tokens/s) written to %s",
+            "cofitune: %s importance of %s over %s tokens in %.1f s (%.0f tokens/s) written to %s",
+            soft_mask.estimator,
             cfg.base_model,
             f"{raw.tokens:,}",
             seconds,

@@ -1,18 +1,32 @@
 """How much a model's general ability relies on each unit: heads, FFN neurons, FFN outputs.
 
-CoFiTune's fine level (after DAS, Ke et al. ICLR 2023) protects the units a model's versatility
-depends on. Their importance is measured once, before training, without labels: all-ones virtual
-gates are attached to every head output, FFN intermediate neuron and FFN output dimension, each
-batch runs twice in train mode with a little dropout noise injected, and the gradient of the KL
-divergence between the two passes with respect to each gate says how much that unit moves the
-output distribution. The gates are forward hooks, so any supported Hugging Face model works
-unmodified.
+CoFiTune's fine level protects the units a model's versatility depends on. Their importance is
+measured once, before training, without labels, on general text, by one of three estimators
+(`ESTIMATORS`), each a score per attention head (its output, before the output projection; with
+GQA one per query head), per FFN intermediate neuron (the input of the down projection) and per
+FFN output dimension (the down projection's output):
+
+- `das` (the paper's, after DAS, Ke et al. ICLR 2023): all-ones virtual gates on the units, each
+  batch run twice in train mode with a little dropout noise injected, and the *signed* gradient
+  of the KL divergence between the two passes with respect to each gate. At gate = 1 the
+  first-order term of that KL has zero mean, so the signed sum averages towards zero: what is
+  left is mostly sampling noise (`benchmarks/importance_stability.py` measures how much).
+- `fisher`: the gates' empirical Fisher information (Michel et al. 2019; Kwon et al. 2022): per
+  token, the squared gradient of the text's own next-token NLL with respect to the unit's gate,
+  summed over the tokens. Eval mode, no noise: one forward and one backward per batch.
+- `activation`: forward only, as Wanda and FLAP rank units: the unit's activation energy (sum of
+  squares over the tokens) times the squared norm of the weights it feeds (a head's columns of
+  the output projection, a neuron's column of the down projection; an FFN output dimension feeds
+  the residual stream directly, so its energy alone).
+
+`fisher` and `activation` are non-negative, so they are normalised by rank (`NORMALIZATION`,
+applied in `softmask.normalize`), not by the paper's |tanh(z-score)|, which would protect the
+least important units as much as the most important ones.
 
 A batch's contribution depends on the batch alone, not on which process computes it nor on how
-many there are: its dropout noise is drawn after seeding from (seed, the batch's index in the
-data), not from whatever state the RNG was left in by what ran before. So ranks that split the
-batches between them and sum what they got give one process's importance, up to the order of
-float additions. Under a multi-process launcher every rank lays out the same batches
+many there are (`das` seeds its noise from (seed, the batch's index in the data)). So ranks that
+split the batches between them and sum what they got give one process's importance, up to the
+order of float additions. Under a multi-process launcher every rank lays out the same batches
 (`global_batches`) and computes every world-size-th of them, each with the whole model.
 
 This module is plain PyTorch and measures only: the CLI feeds it batches, and
@@ -23,9 +37,9 @@ combine, 1 - I per row) is `softmask.py`'s.
 import hashlib
 import itertools
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -40,6 +54,15 @@ UNITS = ("head", "intermediate", "output")
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 """The batch keys `compute_importance` feeds the model."""
 
+Estimator = Literal["das", "fisher", "activation"]
+ESTIMATORS: tuple[Estimator, ...] = ("das", "fisher", "activation")
+NORMALIZATION: dict[str, str] = {"das": "tanh_z", "fisher": "rank", "activation": "rank"}
+"""How each estimator's raw scores become I in [0, 1) (`softmask.normalize`)."""
+DEFAULT_BATCHES = 16
+"""Batches an importance run reads unless told otherwise (`soft_mask.max_batches`): chosen with
+`benchmarks/importance_stability.py`, where the default estimator's split halves of this many
+batches each agree with Spearman >= 0.9, at a cost under 5% of an epoch of the demo's domain."""
+
 
 class ImportanceError(ValueError):
     """Importance that cannot be computed for, or applied to, the model at hand."""
@@ -47,16 +70,18 @@ class ImportanceError(ValueError):
 
 @dataclass
 class RawImportance:
-    """Signed gate gradients summed over the data and divided by its non-pad token count.
+    """An estimator's scores summed over the data and divided by its non-pad token count.
 
     `head` is [layers, query heads], `intermediate` [layers, d_ff], `output` [layers, d_model],
-    all float32 on the CPU; `tokens` is the number of non-pad tokens (over all ranks) behind them.
+    all float32 on the CPU; `tokens` is the number of non-pad tokens (over all ranks) behind them;
+    `estimator` the one that measured them (`ESTIMATORS`).
     """
 
     head: Tensor
     intermediate: Tensor
     output: Tensor
     tokens: int
+    estimator: Estimator = "das"
 
     def tensors(self) -> dict[str, Tensor]:
         return {"head": self.head, "intermediate": self.intermediate, "output": self.output}
@@ -64,13 +89,26 @@ class RawImportance:
 
 @dataclass
 class _HookedLayer:
-    """One decoder layer's hook points and its virtual gates (float32 leaves)."""
+    """One decoder layer's hook points, its virtual gates (float32 leaves) and what the
+    estimator has summed for its units so far."""
 
     attn_out: nn.Module
     ffn_down: nn.Module
     head_gate: Tensor
     intermediate_gate: Tensor
     output_gate: Tensor
+    sums: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class _Pass:
+    """What the hooks of one estimator do to the units they see during a batch."""
+
+    noise: float = 0.0  # dropout probability injected on head outputs and the MLP output
+    gated: bool = True  # multiply by the gates (so they are in the graph)
+    square_gradients: bool = False  # fisher: add each token's squared gate gradient to `sums`
+    energy: bool = False  # activation: add each token's squared activation to `sums`
+    keep: Tensor | None = None  # [batch, seq] non-pad positions of the current batch
 
 
 def global_batches(
@@ -103,27 +141,31 @@ def compute_importance(
     batches: Sequence[dict[str, Tensor]],
     architecture: Architecture,
     layer_prefix: str,
+    estimator: Estimator = "das",
     dropout: float = 0.003,
     seed: int = 0,
     progress: bool = True,
 ) -> RawImportance:
-    """Accumulate DAS importance of every head, FFN neuron and FFN output over `batches`.
+    """Sum `estimator`'s score of every head, FFN neuron and FFN output over `batches`, divided
+    by their non-pad token count.
 
-    Each batch (`input_ids`, optional `attention_mask` and `position_ids`; other keys such as
-    `labels` are ignored) runs twice in train mode. The loss is
-    `F.kl_div(log_softmax(logits1), softmax(logits2), reduction="sum")` over the non-pad tokens,
-    which is KL(p2 || p1) = sum p2 * (log p2 - log p1), the direction DAS's code uses; both passes
-    stay in the graph. Only the gates are differentiated (`torch.autograd.grad`), and the weights
-    are frozen for the pass so no activation is kept for a weight gradient: the model's
-    parameters, their `.grad` and their `requires_grad` flags end as they started.
+    Each batch is `input_ids`, optional `attention_mask` and `position_ids`; other keys such as
+    `labels` are ignored.
+    - `das` runs each batch twice in train mode, with dropout noise of probability `dropout` on
+      the head outputs and the MLP output (Hugging Face models have no dropout there: without it
+      both passes agree and every gradient is zero). The loss is
+      `F.kl_div(log_softmax(logits1), softmax(logits2), reduction="sum")` over the non-pad
+      tokens, KL(p2 || p1), the direction DAS's code uses; the signed gate gradients add up.
+      Batch k's noise is drawn with the global RNG freshly seeded from (`seed`, k); the
+      caller's RNG state is restored afterwards. Not a private `torch.Generator`: gradient
+      checkpointing replays only the global RNG when it recomputes a layer in the backward.
+    - `fisher` runs each batch once in eval mode; the loss is the summed NLL of each non-pad
+      token given the ones before it, and each token's gate gradient is squared before it adds up.
+    - `activation` runs each batch once in eval mode without a graph.
 
-    The dropout noise (probability `dropout`) is injected on the head outputs (input of the
-    attention output projection) and on the MLP output, because Hugging Face models have no
-    dropout there: without it both passes agree and every gradient is zero. Batch k's noise is
-    drawn with the global RNG freshly seeded from (`seed`, k), so it does not depend on what ran
-    before; the caller's RNG state is restored afterwards. Not a private `torch.Generator`:
-    gradient checkpointing replays only the global RNG when it recomputes a layer in the
-    backward, and a private generator would draw other noise there than in the forward.
+    Only the gates are differentiated (`torch.autograd.grad`), and the weights are frozen for the
+    pass, so no activation is kept for a weight gradient: the model's parameters, their `.grad`,
+    their `requires_grad` flags and its train/eval mode end as they started.
 
     Under torch.distributed every rank passes the same `batches` and runs batches rank,
     rank + world size, ... (`batch_share`); the sums and token counts are then all-reduced, so
@@ -131,13 +173,22 @@ def compute_importance(
     to the order of float additions. Progress shows on rank 0 only. Gradient checkpointing must
     be off or non-reentrant (reentrant checkpointing hides the gates from `autograd.grad`).
     """
+    if estimator not in ESTIMATORS:
+        raise ImportanceError(
+            f"cofitune: unknown importance estimator {estimator!r}; one of {', '.join(ESTIMATORS)}"
+        )
     layers = _hook_points(model, architecture, layer_prefix)
     n_heads = _text_config(model).num_attention_heads
-    head_sums = [torch.zeros_like(layer.head_gate) for layer in layers]
-    intermediate_sums = [torch.zeros_like(layer.intermediate_gate) for layer in layers]
-    output_sums = [torch.zeros_like(layer.output_gate) for layer in layers]
+    for layer in layers:
+        layer.sums = {unit: torch.zeros_like(gate) for unit, gate in zip(UNITS, _gates(layer))}
     gates = [g for layer in layers for g in _gates(layer)]
-    sums = [s for parts in zip(head_sums, intermediate_sums, output_sums) for s in parts]
+    sums = [layer.sums[unit] for layer in layers for unit in UNITS]
+    state = _Pass(
+        noise=dropout if estimator == "das" else 0.0,
+        gated=estimator != "activation",
+        square_gradients=estimator == "fisher",
+        energy=estimator == "activation",
+    )
     tokens = 0
     input_device = model.get_input_embeddings().weight.device
 
@@ -145,50 +196,59 @@ def compute_importance(
     was_training = model.training
     try:
         for layer in layers:
-            handles.append(
-                layer.attn_out.register_forward_pre_hook(
-                    _gate_heads(layer.head_gate, n_heads, dropout)
-                )
-            )
-            handles.append(
-                layer.ffn_down.register_forward_pre_hook(_gate_input(layer.intermediate_gate))
-            )
-            handles.append(
-                layer.ffn_down.register_forward_hook(_gate_output(layer.output_gate, dropout))
-            )
-        model.train()
+            handles += [
+                layer.attn_out.register_forward_pre_hook(_on_heads(layer, n_heads, state)),
+                layer.ffn_down.register_forward_pre_hook(_on_intermediate(layer, state)),
+                layer.ffn_down.register_forward_hook(_on_output(layer, state)),
+            ]
+        model.train(estimator == "das")
         indices = batch_share(len(batches))
         shown = progress and indices.start == 0  # rank 0's only
-        with _frozen(model), _forked_rng(model):
-            for index in tqdm(indices, desc="cofitune importance", disable=not shown):
+        no_graph = torch.no_grad() if estimator == "activation" else nullcontext()
+        with _frozen(model), _forked_rng(model), no_graph:
+            for index in tqdm(
+                indices, desc=f"cofitune importance ({estimator})", disable=not shown
+            ):
                 inputs = _model_inputs(batches[index], input_device)
                 keep = inputs["attention_mask"] != 0
                 batch_tokens = int(keep.sum())
                 if batch_tokens == 0:
                     continue
-                torch.manual_seed(_batch_seed(seed, index))
-                logits1 = model(**inputs, use_cache=False).logits[keep].float()
-                logits2 = model(**inputs, use_cache=False).logits[keep].float()
-                loss = F.kl_div(
-                    F.log_softmax(logits1, dim=-1), F.softmax(logits2, dim=-1), reduction="sum"
-                )
-                for total, grad in zip(sums, torch.autograd.grad(loss, gates)):
-                    total.add_(grad)
+                state.keep = keep
+                if estimator == "das":
+                    torch.manual_seed(_batch_seed(seed, index))
+                    logits1 = model(**inputs, use_cache=False).logits[keep].float()
+                    logits2 = model(**inputs, use_cache=False).logits[keep].float()
+                    loss = F.kl_div(
+                        F.log_softmax(logits1, dim=-1), F.softmax(logits2, dim=-1), reduction="sum"
+                    )
+                    for total, grad in zip(sums, torch.autograd.grad(loss, gates)):
+                        total.add_(grad)
+                elif estimator == "fisher":
+                    # the per-token squares add up in the gates' tensor hooks
+                    torch.autograd.grad(_text_nll(model, inputs, keep), gates)
+                else:
+                    model(**inputs, use_cache=False)
                 tokens += batch_tokens
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
+        state.keep = None
 
     if _distributed():
         tokens = _all_reduce_sums(sums, tokens, input_device)
     if tokens == 0:
         raise ImportanceError("cofitune importance: the data held no non-pad token")
+    if estimator == "activation":
+        _times_fed_weight_norms(layers, n_heads)
     return RawImportance(
-        head=torch.stack([s.cpu() for s in head_sums]) / tokens,
-        intermediate=torch.stack([s.cpu() for s in intermediate_sums]) / tokens,
-        output=torch.stack([s.cpu() for s in output_sums]) / tokens,
+        **{
+            unit: torch.stack([layer.sums[unit].cpu() for layer in layers]) / tokens
+            for unit in UNITS
+        },
         tokens=tokens,
+        estimator=estimator,
     )
 
 
@@ -199,8 +259,18 @@ def batch_share(count: int) -> range:
     return range(rank, count, world_size)
 
 
+def _text_nll(model: nn.Module, inputs: dict[str, Tensor], keep: Tensor) -> Tensor:
+    """The summed NLL of every non-pad token that follows a non-pad token."""
+    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+    targets = inputs["input_ids"][:, 1:]
+    scored = keep[:, 1:] & keep[:, :-1]
+    return F.cross_entropy(logits[scored], targets[scored], reduction="sum")
+
+
 def _dropout(x: Tensor, p: float) -> Tensor:
     """`x` with each element zeroed with probability p, the rest scaled by 1 / (1 - p)."""
+    if p == 0:
+        return x
     keep = torch.rand(x.shape, device=x.device) >= p
     return x * keep.to(x.dtype) / (1 - p)
 
@@ -273,32 +343,79 @@ def _gates(layer: _HookedLayer) -> tuple[Tensor, Tensor, Tensor]:
     return layer.head_gate, layer.intermediate_gate, layer.output_gate
 
 
-def _gate_heads(gate: Tensor, n_heads: int, dropout: float):
+def _observe(units: Tensor, gated: Tensor, total: Tensor, state: _Pass) -> None:
+    """Add what `state`'s estimator takes of this batch's `units` ([batch, seq, n, ...], the
+    values the gates multiply) to `total` [n]: their energy now, or once the backward reaches
+    `gated` (the gated values), each token's squared gate gradient."""
+    keep = state.keep
+
+    def per_token(values: Tensor) -> Tensor:  # [batch, seq, n, ...] -> [tokens, n], float32
+        values = values[keep].float()
+        return values.flatten(2).sum(-1) if values.dim() > 2 else values
+
+    if state.energy:
+        total.add_(per_token(units.float().square()).sum(0))
+    if state.square_gradients and gated.requires_grad:
+
+        def add_squared_gate_gradient(grad: Tensor) -> None:  # d loss / d gate, per token
+            total.add_(per_token(grad.float() * units.float()).square().sum(0))
+
+        gated.register_hook(add_squared_gate_gradient)
+
+
+def _on_heads(layer: _HookedLayer, n_heads: int, state: _Pass):
     """Pre-hook on the attention output projection: noise, then one gate per query head."""
 
     def hook(module: nn.Module, args: tuple) -> tuple:
-        heads = _dropout(args[0], dropout).unflatten(-1, (n_heads, -1))
-        return ((heads * gate.to(heads.dtype)[:, None]).flatten(-2), *args[1:])
+        heads = _dropout(args[0], state.noise).unflatten(-1, (n_heads, -1))
+        gated = heads * layer.head_gate.to(heads.dtype)[:, None] if state.gated else heads
+        _observe(heads, gated, layer.sums["head"], state)
+        return (gated.flatten(-2), *args[1:])
 
     return hook
 
 
-def _gate_input(gate: Tensor):
+def _on_intermediate(layer: _HookedLayer, state: _Pass):
     """Pre-hook on the down projection: one gate per intermediate neuron."""
 
     def hook(module: nn.Module, args: tuple) -> tuple:
-        return (args[0] * gate.to(args[0].dtype), *args[1:])
+        neurons = args[0]
+        gated = neurons * layer.intermediate_gate.to(neurons.dtype) if state.gated else neurons
+        _observe(neurons, gated, layer.sums["intermediate"], state)
+        return (gated, *args[1:])
 
     return hook
 
 
-def _gate_output(gate: Tensor, dropout: float):
+def _on_output(layer: _HookedLayer, state: _Pass):
     """Forward hook on the down projection: noise on the MLP output, then one gate per dim."""
 
     def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        return _dropout(output, dropout) * gate.to(output.dtype)
+        output = _dropout(output, state.noise)
+        gated = output * layer.output_gate.to(output.dtype) if state.gated else output
+        _observe(output, gated, layer.sums["output"], state)
+        return gated
 
     return hook
+
+
+@torch.no_grad()
+def _times_fed_weight_norms(layers: list[_HookedLayer], n_heads: int) -> None:
+    """Scale each head's and neuron's activation energy by the squared norm of the weights its
+    activation feeds: the head's columns of the output projection, the neuron's column of the
+    down projection. (The FFN output dimensions feed the residual stream: their energy stands.)"""
+    for layer in layers:
+        for module, unit in ((layer.attn_out, "head"), (layer.ffn_down, "intermediate")):
+            weight = module.weight
+            if tuple(weight.shape) != (module.out_features, module.in_features):
+                raise ImportanceError(
+                    "cofitune: the `activation` importance estimator reads the weights, which "
+                    "this model stores packed (4-bit); use `estimator: fisher`"
+                )
+            norms = weight.float().square().sum(0)  # per input column
+            if unit == "head":
+                norms = norms.unflatten(0, (n_heads, -1)).sum(-1)
+            layer.sums[unit].mul_(norms.to(layer.sums[unit].device))
 
 
 @contextmanager
@@ -331,7 +448,7 @@ def _distributed() -> bool:
 
 
 def _all_reduce_sums(sums: list[Tensor], tokens: int, device: torch.device) -> int:
-    """Sum the gate gradients and token counts of all ranks (one collective for the tensors)."""
+    """Sum the per-unit sums and token counts of all ranks (one collective for the tensors)."""
     flat = torch.cat([s.to(device) for s in sums])
     dist.all_reduce(flat)
     for total, reduced in zip(sums, flat.split([s.numel() for s in sums])):

@@ -20,7 +20,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from cofitune_plugin.architectures import Architecture
-from cofitune_plugin.importance import UNITS, ImportanceError, RawImportance, unit_counts
+from cofitune_plugin.importance import (
+    NORMALIZATION,
+    UNITS,
+    ImportanceError,
+    RawImportance,
+    unit_counts,
+)
 from cofitune_plugin.lora import adapter_parameter_ids
 from cofitune_plugin.softmask import NormalizedImportance, combine
 
@@ -103,8 +109,9 @@ def save_importance(
 ) -> None:
     """Write `importance.safetensors` (raw float32 tensors) and `manifest.json` to `directory`.
 
-    The manifest is `manifest` plus the token count, the tensor shapes, the dimensions they imply
-    (num_layers, n_heads, d_ff, d_model: what `load_importance` checks) and the plugin version.
+    The manifest is `manifest` plus the estimator and its normalisation, the token count, the
+    tensor shapes, the dimensions they imply (num_layers, n_heads, d_ff, d_model: what
+    `load_importance` checks) and the plugin version.
     It is written last, so a directory without one is an interrupted save. An existing importance
     is an expensive result: it is only replaced when `overwrite` is True.
     """
@@ -133,6 +140,8 @@ def save_importance(
     full_manifest = {
         **manifest,
         **dimensions,
+        "estimator": raw.estimator,
+        "normalization": NORMALIZATION[raw.estimator],
         "tokens": raw.tokens,
         "shapes": {name: list(t.shape) for name, t in tensors.items()},
         "plugin_version": _plugin_version(),
@@ -140,19 +149,25 @@ def save_importance(
     (directory / MANIFEST_FILE).write_text(json.dumps(full_manifest, indent=2, sort_keys=True))
 
 
-def load_importance(directories: Sequence[Path], expected: dict) -> NormalizedImportance:
-    """Read one or more importance directories, check them against `expected`, and combine the
-    runs into I (`softmask.combine`: each normalised, then the elementwise max).
+def load_importance(
+    directories: Sequence[Path], expected: dict, estimator: str = "das"
+) -> NormalizedImportance:
+    """Read one or more importance directories, check them against `expected` and `estimator`,
+    and combine the runs into I (`softmask.combine`: each normalised as `estimator`'s scores
+    are, then the elementwise max).
 
     `expected` is usually `model_manifest(model, ...)` of the model about to be trained; every
-    key in it must be present and equal in each directory's manifest.
+    key in it must be present and equal in each directory's manifest. `estimator` is the
+    recipe's `cofitune.soft_mask.estimator`: an importance measured by another is refused,
+    naming both (the scores of two estimators do not mean the same thing).
     """
     if not directories:
         raise ImportanceError("cofitune.soft_mask.importance: no directory given")
-    return combine([_read_checked(Path(directory), expected) for directory in directories])
+    runs = [_read_checked(Path(directory), expected, estimator) for directory in directories]
+    return combine(runs, NORMALIZATION[estimator])
 
 
-def _read_checked(directory: Path, expected: dict) -> dict[str, Tensor]:
+def _read_checked(directory: Path, expected: dict, estimator: str) -> dict[str, Tensor]:
     rerun = (
         "Re-run `axolotl cofitune-importance` with this model to compute a matching importance, "
         "or point `cofitune.soft_mask.importance` at one made for it."
@@ -164,6 +179,15 @@ def _read_checked(directory: Path, expected: dict) -> dict[str, Tensor]:
             f"importance belongs to (missing directory, or an interrupted save). {rerun}"
         )
     manifest = json.loads(manifest_path.read_text())
+    measured = manifest.get("estimator", "<none recorded>")
+    if measured != estimator or manifest.get("normalization") != NORMALIZATION[estimator]:
+        raise ImportanceError(
+            f"cofitune: the importance in {directory} was measured with estimator {measured!r} "
+            f"(normalization {manifest.get('normalization', '<none recorded>')!r}), but the "
+            f"recipe's cofitune.soft_mask.estimator is {estimator!r} (normalization "
+            f"{NORMALIZATION[estimator]!r}). Re-run `axolotl cofitune-importance` with the "
+            f"recipe (--overwrite), or set `cofitune.soft_mask.estimator: {measured}`."
+        )
     for field, model_value in expected.items():
         file_value = manifest.get(field, "<missing>")
         if file_value != model_value:

@@ -342,6 +342,7 @@ def _build_masks(
         expected=model_manifest(
             model, selection.architecture, selection.layer_prefix, sampled_values
         ),
+        estimator=config.soft_mask.estimator,
     )
     masks = row_masks(model, selection, importance)
     if lora:

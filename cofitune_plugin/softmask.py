@@ -38,25 +38,47 @@ class NormalizedImportance:
     output: Tensor
 
 
-def normalize(raw: Tensor) -> Tensor:
-    """Per layer (row): z-score over the layer's units, then |tanh(z)|, giving I in [0, 1).
+def normalize(raw: Tensor, normalization: str = "tanh_z") -> Tensor:
+    """Per layer (row), the raw scores of one unit type mapped monotonically to I in [0, 1).
 
-    Uses the unbiased standard deviation, as DAS does. A row whose units are all equal carries
-    no ranking, so it maps to zeros (no protection) rather than to NaN.
+    - `tanh_z` (the paper's, for the signed `das` scores): z-score over the layer's units, then
+      |tanh(z)|, with the unbiased standard deviation, as DAS does. It protects large scores of
+      either sign alike.
+    - `rank` (for non-negative scores: `fisher`, `activation`): the unit's rank among the
+      layer's units over their count, ties sharing their mean rank: 0 for the least important,
+      (n - 1) / n for the most. Unlike a z-score it neither depends on the scores' heavy tails
+      nor protects the least important units.
+
+    A row whose units are all equal carries no ranking, so it maps to zeros (no protection)
+    rather than to NaN or to the middle.
     """
     raw = raw.float()
+    if normalization == "rank":
+        ordered = raw.sort(dim=1).values
+        below = torch.searchsorted(ordered, raw, right=False)
+        not_above = torch.searchsorted(ordered, raw, right=True)
+        ranks = (below + not_above - 1).float() / 2 / raw.shape[1]
+        constant = ordered[:, :1] == ordered[:, -1:]
+        return torch.where(constant, torch.zeros_like(ranks), ranks)
+    if normalization != "tanh_z":
+        raise ValueError(f"unknown importance normalization {normalization!r}")
     mean = raw.mean(dim=1, keepdim=True)
     std = raw.std(dim=1, keepdim=True)
     z = torch.where(std > 0, (raw - mean) / std, torch.zeros_like(raw))
     return torch.tanh(z).abs()
 
 
-def combine(runs: Sequence[Mapping[str, Tensor]]) -> NormalizedImportance:
-    """I of one or more importance runs (raw tensors by unit): each run normalised, then the
-    elementwise max, so a unit is protected if any run needs it."""
+def combine(
+    runs: Sequence[Mapping[str, Tensor]], normalization: str = "tanh_z"
+) -> NormalizedImportance:
+    """I of one or more importance runs of one estimator (raw tensors by unit): each run
+    normalised by `normalization`, then the elementwise max, so a unit is protected if any run
+    needs it."""
     return NormalizedImportance(
         **{
-            unit: functools.reduce(torch.maximum, (normalize(run[unit]) for run in runs))
+            unit: functools.reduce(
+                torch.maximum, (normalize(run[unit], normalization) for run in runs)
+            )
             for unit in UNITS
         }
     )

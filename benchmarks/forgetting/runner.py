@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import yaml
 from filelock import FileLock
 from methods import CURVE_OF, Method, all_methods, trainable_names
 from scores import BASE_FILE, RUNS_FILE, read_runs
@@ -72,7 +73,10 @@ class MethodRuns:
                 else {"layers": method.layers, "modules": method.modules}
             )
             overrides |= {f"cofitune__{key}": value for key, value in chosen.items()}
+            # the recipe's block (its estimator) with this method's mode and the run's importance
+            recipe_mask = yaml.safe_load((work / "recipe.yml").read_text())["cofitune"]["soft_mask"]
             overrides["cofitune__soft_mask"] = method.soft_mask and {
+                **recipe_mask,
                 "importance": str(work / "importance"),
                 "apply_to": method.soft_mask,
             }
