@@ -202,12 +202,14 @@ def run_axolotl(
     )
 
 
-def soft_mask_block(importance: Path, apply_to: str = "update") -> dict:
-    return {
-        "layers": "25%-50%",
-        "modules": ["ffn+mha"],
-        "soft_mask": {"importance": str(importance), "apply_to": apply_to},
-    }
+def soft_mask_block(
+    importance: Path, apply_to: str = "update", estimator: str | None = None
+) -> dict:
+    """A `cofitune:` block with soft masks (`estimator`: the recipe's default when None)."""
+    soft_mask = {"importance": str(importance), "apply_to": apply_to}
+    if estimator:
+        soft_mask["estimator"] = estimator
+    return {"layers": "25%-50%", "modules": ["ffn+mha"], "soft_mask": soft_mask}
 
 
 def search_block(tmp_path: Path, **search) -> dict:

@@ -1,5 +1,6 @@
-"""DAS importance on tiny models: shapes, exact zeros for cut units, no side effects, and the
-same importance whether one process or two gloo ranks compute it."""
+"""Importance on tiny models, for every estimator: shapes, exact zeros for cut units, larger
+scores for louder units, no side effects, and the same importance whether one process or two
+gloo ranks compute it."""
 
 import pytest
 import torch
@@ -7,7 +8,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cofitune_plugin.architectures import architecture_for
-from cofitune_plugin.importance import ImportanceError, RawImportance, compute_importance
+from cofitune_plugin.importance import (
+    ESTIMATORS,
+    ImportanceError,
+    RawImportance,
+    compute_importance,
+)
 from cofitune_plugin.softmask import normalize
 from helpers import VOCAB_SIZE, tiny_model
 
@@ -29,62 +35,117 @@ def batches(n: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def importance_of(model, model_type: str, data=None) -> RawImportance:
+def importance_of(model, model_type: str, data=None, estimator: str = "das") -> RawImportance:
     return compute_importance(
         model,
         batches() if data is None else data,
         architecture_for(model_type),
         LAYER_PREFIX.get(model_type, "model.layers"),
+        estimator=estimator,
         progress=False,
     )
 
 
-def test_llama_importance_is_nonzero_deterministic_and_leaves_the_model_untouched():
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("training", [False, True])
+def test_llama_importance_is_nonzero_deterministic_and_leaves_the_model_untouched(
+    estimator, training
+):
     model = tiny_model("llama")
-    model.eval()
+    model.train(training)
     model.model.embed_tokens.weight.requires_grad_(False)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
 
-    raw = importance_of(model, "llama")
-    again = importance_of(model, "llama")
+    raw = importance_of(model, "llama", estimator=estimator)
+    again = importance_of(model, "llama", estimator=estimator)
 
     assert raw.head.shape == (8, 4)
     assert raw.intermediate.shape == (8, 64)
     assert raw.output.shape == (8, 32)
     assert raw.tokens == 2 * (3 * 16 - 6)
+    assert raw.estimator == estimator
     for name, tensor in raw.tensors().items():
         assert tensor.dtype == torch.float32
         assert (tensor != 0).any(dim=1).all(), f"{name}: a layer has no signal"
         assert torch.equal(tensor, again.tensors()[name])
+        if estimator != "das":  # squared gradients and energies
+            assert (tensor >= 0).all(), name
     for name, param in model.named_parameters():
         assert torch.equal(param, before[name]), name
         assert param.grad is None, name
         assert param.requires_grad == flags[name], name
-    assert not model.training
+    assert model.training == training
     for module in model.modules():
         assert not module._forward_pre_hooks and not module._forward_hooks
 
 
-def test_a_cut_head_and_a_cut_neuron_get_exactly_zero_gradient():
-    model = tiny_model("llama")
+def cut_units(model) -> None:
+    """Head 1 of layer 3, neuron 5 of layer 2 and output dimension 7 of layer 4 write nothing:
+    the weights that carry their output are zero."""
     head_dim = 8
     with torch.no_grad():
         model.model.layers[3].self_attn.o_proj.weight[:, 1 * head_dim : 2 * head_dim] = 0
         model.model.layers[2].mlp.down_proj.weight[:, 5] = 0
+        model.model.layers[4].mlp.down_proj.weight[7, :] = 0
 
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_a_unit_whose_output_is_zeroed_scores_exactly_zero(estimator):
+    model = tiny_model("llama")
+    cut_units(model)
+
+    raw = importance_of(model, "llama", estimator=estimator)
+
+    for row, unit, count in (
+        (raw.head[3], 1, 4),
+        (raw.intermediate[2], 5, 64),
+        (raw.output[4], 7, 32),
+    ):
+        assert row[unit] == 0
+        assert (row != 0).sum() == count - 1
+
+
+def test_das_normalises_a_cut_unit_by_its_layer():
+    model = tiny_model("llama")
+    cut_units(model)
     raw = importance_of(model, "llama")
-
-    assert raw.head[3, 1] == 0 and (raw.head[3] != 0).sum() == 3
-    assert raw.intermediate[2, 5] == 0 and (raw.intermediate[2] != 0).sum() == 63
     for row, unit in ((raw.head[3], 1), (raw.intermediate[2], 5)):
         zero_score = torch.tanh((0 - row.mean()) / row.std()).abs()
         assert normalize(row[None])[0, unit] == zero_score
+    # rank normalisation puts a cut unit of a non-negative estimator last in its layer
+    fisher = importance_of(model, "llama", estimator="fisher")
+    assert normalize(fisher.intermediate, "rank")[2, 5] == 0
 
 
+@pytest.mark.parametrize("estimator", ["fisher", "activation"])
+def test_louder_output_weights_raise_a_units_score(estimator):
+    """Scaling up the weights a unit writes through (a head's columns of the output projection,
+    a neuron's column of the down projection, an output dimension's row of it) raises its score
+    and its rank in its layer."""
+    plain = importance_of(tiny_model("llama"), "llama", estimator=estimator)
+    model = tiny_model("llama")
+    head_dim = 8
+    with torch.no_grad():
+        model.model.layers[3].self_attn.o_proj.weight[:, 2 * head_dim : 3 * head_dim] *= 4
+        model.model.layers[2].mlp.down_proj.weight[:, 9] *= 4
+        model.model.layers[4].mlp.down_proj.weight[11, :] *= 4
+    louder = importance_of(model, "llama", estimator=estimator)
+    for unit, layer, index in (("head", 3, 2), ("intermediate", 2, 9), ("output", 4, 11)):
+        before, after = getattr(plain, unit)[layer], getattr(louder, unit)[layer]
+        assert after[index] > before[index], unit
+        assert normalize(after[None], "rank")[0, index] >= normalize(before[None], "rank")[0, index]
+
+
+def test_unknown_estimator_is_refused():
+    with pytest.raises(ImportanceError, match="unknown importance estimator 'magnitude'"):
+        importance_of(tiny_model("llama"), "llama", estimator="magnitude")
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("model_type", ["gpt_neox", "phi3", "qwen2"])
-def test_other_architectures(model_type):
-    raw = importance_of(tiny_model(model_type), model_type, data=batches(n=1))
+def test_other_architectures(model_type, estimator):
+    raw = importance_of(tiny_model(model_type), model_type, data=batches(n=1), estimator=estimator)
     assert raw.head.shape == (8, 4)
     assert raw.intermediate.shape == (8, 64)
     assert raw.output.shape == (8, 32)
@@ -97,15 +158,16 @@ def test_moe_is_refused_naming_the_model_type():
         importance_of(tiny_model("mixtral"), "mixtral")
 
 
-def test_distributed_path_all_reduces(tmp_path):
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_distributed_path_all_reduces(tmp_path, estimator):
     """A one-rank gloo group runs the all-reduce path; its sums equal the local ones."""
     model = tiny_model("qwen2")
-    local = importance_of(model, "qwen2", data=batches(n=1))
+    local = importance_of(model, "qwen2", data=batches(n=1), estimator=estimator)
     dist.init_process_group(
         "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
     )
     try:
-        reduced = importance_of(model, "qwen2", data=batches(n=1))
+        reduced = importance_of(model, "qwen2", data=batches(n=1), estimator=estimator)
     finally:
         dist.destroy_process_group()
     assert reduced.tokens == local.tokens
@@ -150,28 +212,30 @@ def test_gradient_checkpointing_replays_the_same_noise():
         assert torch.equal(tensor, checkpointed.tensors()[name]), name
 
 
-def _importance_on_rank(rank: int, rendezvous: str, data: list, out: str) -> None:
+def _importance_on_rank(rank: int, rendezvous: str, data: list, out: str, estimator: str) -> None:
     """One of two gloo ranks: the whole tiny llama, the same global batches; rank 0 saves."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     try:
-        raw = importance_of(tiny_model("llama"), "llama", data=data)
+        raw = importance_of(tiny_model("llama"), "llama", data=data, estimator=estimator)
     finally:
         dist.destroy_process_group()
     if rank == 0:
         torch.save({**raw.tensors(), "tokens": raw.tokens}, out)
 
 
-def test_two_gloo_ranks_compute_the_one_process_importance(tmp_path):
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_two_gloo_ranks_compute_the_one_process_importance(tmp_path, estimator):
     """3 batches on 2 ranks (rank 0 takes batches 0 and 2, rank 1 batch 1): the same token
     count and the same tensors as one process, within float32 rounding of the sums, whose
     order differs ((b0 + b2) + b1 against (b0 + b1) + b2): rtol 1e-5, and atol 1e-6 of the
     tensor's largest element for sums that cancel to near zero."""
     data = batches(n=3)
     out = tmp_path / "ranks.pt"
-    mp.spawn(_importance_on_rank, args=(str(tmp_path / "rendezvous"), data, str(out)), nprocs=2)
+    rendezvous = str(tmp_path / "rendezvous")
+    mp.spawn(_importance_on_rank, args=(rendezvous, data, str(out), estimator), nprocs=2)
     ranks = torch.load(out)
-    one = importance_of(tiny_model("llama"), "llama", data=data)
+    one = importance_of(tiny_model("llama"), "llama", data=data, estimator=estimator)
     assert ranks.pop("tokens") == one.tokens
     for name, tensor in one.tensors().items():
         torch.testing.assert_close(

@@ -80,6 +80,39 @@ def test_a_manifest_mismatch_is_refused_naming_the_field(tmp_path, field):
     assert "axolotl cofitune-importance" in str(err.value)
 
 
+@pytest.mark.parametrize("measured", ["activation", None])
+def test_an_importance_of_another_estimator_is_refused_naming_both(tmp_path, measured):
+    """Scores of two estimators do not mean the same thing; a manifest written before
+    estimators were recorded (no `estimator`) is refused too."""
+    manifest = manifest_of(tiny_model("llama"), "llama")
+    raw = fake_raw(seed=0)
+    if measured:
+        raw.estimator = measured
+    save_importance(raw, tmp_path / "run", manifest)
+    if measured is None:  # as an older plugin wrote it
+        path = tmp_path / "run" / "manifest.json"
+        written = json.loads(path.read_text())
+        del written["estimator"], written["normalization"]
+        path.write_text(json.dumps(written))
+    with pytest.raises(ImportanceError, match="cofitune.soft_mask.estimator is 'fisher'") as err:
+        load_importance([tmp_path / "run"], expected=manifest, estimator="fisher")
+    assert f"estimator {measured or '<none recorded>'!r}" in str(err.value)
+    assert "axolotl cofitune-importance" in str(err.value)
+
+
+def test_a_non_negative_estimator_loads_rank_normalised(tmp_path):
+    manifest = manifest_of(tiny_model("llama"), "llama")
+    raw = fake_raw(seed=3)
+    raw = RawImportance(
+        **{k: v.abs() for k, v in raw.tensors().items()}, tokens=10, estimator="activation"
+    )
+    save_importance(raw, tmp_path / "run", manifest)
+    written = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert (written["estimator"], written["normalization"]) == ("activation", "rank")
+    loaded = load_importance([tmp_path / "run"], expected=manifest, estimator="activation")
+    assert torch.equal(loaded.intermediate, normalize(raw.intermediate, "rank"))
+
+
 def test_a_missing_manifest_is_refused(tmp_path):
     with pytest.raises(ImportanceError, match="has no manifest.json"):
         load_importance([tmp_path], expected={"model_type": "llama"})

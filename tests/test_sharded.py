@@ -22,6 +22,8 @@ from filelock import FileLock
 from safetensors.torch import load_file
 from test_launchers import SELECTED, free_port
 
+from cofitune_plugin.args import SoftMaskConfig
+from cofitune_plugin.importance import ESTIMATORS
 from helpers import recipe, run_axolotl, soft_mask_block, write_equal_length_dataset, write_recipe
 
 HARNESS = Path(__file__).parent / "harness"
@@ -196,13 +198,15 @@ def test_flat_rows_pairs_every_element_of_a_partition_with_its_rows_factor():
             assert torch.equal(values, expected), (start, length)
 
 
-def importance(run_dir: Path, model_dir: Path, engine: str | None) -> Path:
-    """`axolotl cofitune-importance` over 3 batches (an odd count: rank 0 takes 2, rank 1 one)
-    of `engine`'s recipe, on 2 CPU processes through `accelerate launch`, or on one process
-    when `engine` is None. The recipe keeps the engine's keys; the command clears them."""
+def importance(run_dir: Path, model_dir: Path, engine: str | None, estimator: str) -> Path:
+    """`axolotl cofitune-importance` with `estimator` over 3 batches (an odd count: rank 0
+    takes 2, rank 1 one) of `engine`'s recipe, on 2 CPU processes through `accelerate launch`,
+    or on one process when `engine` is None. The recipe keeps the engine's keys; the command
+    clears them."""
     run_dir.mkdir()
     settings = engine_settings(run_dir, engine)
-    cfg = recipe(run_dir, model_dir, cofitune=soft_mask_block(run_dir / "importance"), **settings)
+    block = soft_mask_block(run_dir / "importance", estimator=estimator)
+    cfg = recipe(run_dir, model_dir, cofitune=block, **settings)
     command = ("cofitune-importance", str(write_recipe(run_dir, cfg)), "--max-batches", "3")
     if engine is None:
         result = run_axolotl(*command, cwd=run_dir)
@@ -218,38 +222,45 @@ def importance(run_dir: Path, model_dir: Path, engine: str | None) -> Path:
     return run_dir / "importance"
 
 
-@pytest.fixture(scope="module")
-def one_process_importance(tmp_path_factory, tiny_models) -> Path:
-    """The one-process importance of the recipe, computed once for every engine's test (under a
-    file lock, as `one_process`)."""
-    shared = session_shared(tmp_path_factory, "sharded-one-process-importance")
+def one_process_importance(tmp_path_factory, model_dir: Path, estimator: str) -> Path:
+    """The one-process importance of the recipe with `estimator`, computed once for every
+    engine's test (under a file lock, as `one_process`)."""
+    shared = session_shared(tmp_path_factory, f"sharded-one-process-importance-{estimator}")
     shared.mkdir(exist_ok=True)
     with FileLock(shared / "lock"):
         if not (shared / "run" / "importance" / "manifest.json").exists():
             shutil.rmtree(shared / "run", ignore_errors=True)
-            importance(shared / "run", tiny_models["llama"], None)
+            importance(shared / "run", model_dir, None, estimator)
     return shared / "run" / "importance"
 
 
+DEFAULT_ESTIMATOR = SoftMaskConfig.model_fields["estimator"].default
+# every engine with the default estimator; the others under ZeRO-3 (each launch costs a minute)
+IMPORTANCE_LAUNCHES = [(engine, DEFAULT_ESTIMATOR) for engine in ENGINES] + [
+    ("zero3", estimator) for estimator in ESTIMATORS if estimator != DEFAULT_ESTIMATOR
+]
+
+
 @pytest.mark.axolotl
-@pytest.mark.parametrize("engine", list(ENGINES))
+@pytest.mark.parametrize(("engine", "estimator"), IMPORTANCE_LAUNCHES)
 def test_importance_under_each_launcher_is_the_one_process_artifact(
-    engine, tmp_path, tiny_models, one_process_importance
+    engine, estimator, tmp_path, tmp_path_factory, tiny_models
 ):
     """fsdp2, zero2 and zero3 recipes, `cofitune-importance` on 2 CPU processes: the one-process
-    manifest (weight and data fingerprints, batches, tokens) and its tensors within float32
-    rounding of sums taken in another order (rtol 1e-5, atol 1e-6 of the largest element: a
-    rank that drew other noise, took other batches or counted its own tokens only is off by
-    the values' own size)."""
-    written = importance(tmp_path / engine, tiny_models["llama"], engine)
-    reference = json.loads((one_process_importance / "manifest.json").read_text())
+    manifest (weight and data fingerprints, estimator, batches, tokens) and its tensors within
+    float32 rounding of sums taken in another order (rtol 1e-5, atol 1e-6 of the largest
+    element: a rank that drew other noise, took other batches or counted its own tokens only
+    is off by the values' own size)."""
+    written = importance(tmp_path / engine, tiny_models["llama"], engine, estimator)
+    reference_dir = one_process_importance(tmp_path_factory, tiny_models["llama"], estimator)
+    reference = json.loads((reference_dir / "manifest.json").read_text())
     # every field but the model's path: each pytest-xdist worker builds its own copy of the
     # tiny model, and the reference may come from another worker's (the fingerprint is the same)
     manifest = json.loads((written / "manifest.json").read_text())
     del manifest["base_model"], reference["base_model"]
     assert manifest == reference
-    assert reference["batches"] == 3
-    expected = load_file(one_process_importance / "importance.safetensors")
+    assert (reference["batches"], reference["estimator"]) == (3, estimator)
+    expected = load_file(reference_dir / "importance.safetensors")
     for name, tensor in load_file(written / "importance.safetensors").items():
         scale = expected[name].abs().max().item()
         torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6 * scale)

