@@ -175,10 +175,12 @@ def run_passes(args: argparse.Namespace) -> dict:
     tokens = args.batch_size * args.seq_len
     batches = [batch_of(args, seed) for seed in range(args.importance_batches + 1)]
     architecture = selection.architecture
-    compute_importance(model, batches[:1], architecture, selection.layer_prefix, progress=False)
+    compute_importance(
+        model, batches[:1], architecture, selection.layer_prefix, estimator="das", progress=False
+    )
     start = time.perf_counter()
     raw = compute_importance(
-        model, batches[1:], architecture, selection.layer_prefix, progress=False
+        model, batches[1:], architecture, selection.layer_prefix, estimator="das", progress=False
     )
     importance = (time.perf_counter() - start) / raw.tokens
     model.eval()

@@ -400,6 +400,7 @@ def main(argv: list[str] | None = None) -> dict:
             [batch],
             selection.architecture,
             selection.layer_prefix,
+            estimator="das",
             dropout=0.003,
             progress=False,
         )

@@ -13,7 +13,7 @@ from pydantic import (
     field_validator,
 )
 
-from cofitune_plugin.importance import DEFAULT_BATCHES, Estimator
+from cofitune_plugin.importance import DEFAULT_BATCHES, DEFAULT_ESTIMATOR, Estimator
 
 ADAPTER = "cofitune"
 SPLIT = "split"
@@ -60,11 +60,13 @@ class SoftMaskConfig(BaseModel):
         "format; the training datasets when unset.",
     )
     estimator: Estimator = Field(
-        default="das",
-        description="How `cofitune-importance` scores each unit (`importance.py`): `fisher` "
-        "(squared gate gradients of the text's own NLL), `activation` (forward only: activation "
-        "energy x the norm of the weights it feeds) or `das` (the paper's signed KL gradients "
-        "under dropout noise). Training refuses an importance measured by another estimator.",
+        default=DEFAULT_ESTIMATOR,
+        description="How `cofitune-importance` scores each unit (`importance.py`): `activation` "
+        "(forward only: activation energy x the norm of the weights it feeds; the default, the "
+        "only one stable at the default budget), `fisher` (squared gate gradients of the text's "
+        "own NLL) or `das` (the paper's signed KL gradients under dropout noise: mostly noise, "
+        "benchmarks/importance_stability.py). Training refuses an importance measured by "
+        "another estimator.",
     )
     max_batches: int = Field(
         default=DEFAULT_BATCHES,

@@ -56,6 +56,9 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 Estimator = Literal["das", "fisher", "activation"]
 ESTIMATORS: tuple[Estimator, ...] = ("das", "fisher", "activation")
+DEFAULT_ESTIMATOR: Estimator = "activation"
+"""`soft_mask.estimator` when unset: the one whose importance is stable at the default budget
+(`benchmarks/importance_stability.py`)."""
 NORMALIZATION: dict[str, str] = {"das": "tanh_z", "fisher": "rank", "activation": "rank"}
 """How each estimator's raw scores become I in [0, 1) (`softmask.normalize`)."""
 DEFAULT_BATCHES = 16
@@ -81,7 +84,7 @@ class RawImportance:
     intermediate: Tensor
     output: Tensor
     tokens: int
-    estimator: Estimator = "das"
+    estimator: Estimator
 
     def tensors(self) -> dict[str, Tensor]:
         return {"head": self.head, "intermediate": self.intermediate, "output": self.output}
@@ -141,7 +144,7 @@ def compute_importance(
     batches: Sequence[dict[str, Tensor]],
     architecture: Architecture,
     layer_prefix: str,
-    estimator: Estimator = "das",
+    estimator: Estimator,
     dropout: float = 0.003,
     seed: int = 0,
     progress: bool = True,

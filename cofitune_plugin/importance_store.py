@@ -150,7 +150,7 @@ def save_importance(
 
 
 def load_importance(
-    directories: Sequence[Path], expected: dict, estimator: str = "das"
+    directories: Sequence[Path], expected: dict, estimator: str
 ) -> NormalizedImportance:
     """Read one or more importance directories, check them against `expected` and `estimator`,
     and combine the runs into I (`softmask.combine`: each normalised as `estimator`'s scores

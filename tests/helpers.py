@@ -242,7 +242,8 @@ def expected_row_keep(importance: Path, layer: int) -> dict[str, torch.Tensor]:
     from cofitune_plugin.softmask import normalize
 
     raw = load_file(importance / "importance.safetensors")
-    keep = {unit: 1 - normalize(raw[unit]) for unit in raw}
+    normalization = json.loads((importance / "manifest.json").read_text())["normalization"]
+    keep = {unit: 1 - normalize(raw[unit], normalization) for unit in raw}
     return {
         "mlp.up_proj": keep["intermediate"][layer],
         "mlp.down_proj": keep["output"][layer],

@@ -22,6 +22,7 @@ from cofitune_plugin.args import RecipeError
 from cofitune_plugin.cli import importance as importance_command
 from cofitune_plugin.cli import search as search_command
 from cofitune_plugin.evaluation import greedy_generate
+from cofitune_plugin.importance import DEFAULT_BATCHES, DEFAULT_ESTIMATOR
 from cofitune_plugin.selection import select
 from helpers import (
     OFFLINE_ENV,
@@ -48,6 +49,9 @@ def test_importance_command_writes_tensors_and_manifest(llama_importance):
     assert manifest["num_layers"] == 8 and manifest["n_heads"] == 4
     assert manifest["tokens"] > 0 and manifest["sequence_len"] == 64
     assert len(manifest["fingerprint"]) == 64 and len(manifest["data_fingerprint"]) == 64
+    # the recipe names no estimator: the default one, with its normalisation and budget
+    assert (manifest["estimator"], manifest["normalization"]) == (DEFAULT_ESTIMATOR, "rank")
+    assert manifest["batches"] <= DEFAULT_BATCHES
 
 
 def test_importance_command_never_overwrites_an_existing_result(tmp_path, tiny_models):

@@ -32,6 +32,7 @@ def fake_raw(seed: int, tokens: int = 10) -> RawImportance:
         intermediate=torch.randn(8, 64, generator=generator),
         output=torch.randn(8, 32, generator=generator),
         tokens=tokens,
+        estimator="das",
     )
 
 
@@ -45,7 +46,7 @@ def test_save_load_round_trip(tmp_path):
     assert written["tokens"] == 10 and written["model"] == "tiny"
     assert written["shapes"] == {"head": [8, 4], "intermediate": [8, 64], "output": [8, 32]}
     assert written["plugin_version"] == "0.1.0"
-    loaded = load_importance([tmp_path / "run"], expected=manifest)
+    loaded = load_importance([tmp_path / "run"], expected=manifest, estimator="das")
     assert torch.equal(loaded.head, normalize(raw.head))
     assert torch.equal(loaded.intermediate, normalize(raw.intermediate))
     assert torch.equal(loaded.output, normalize(raw.output))
@@ -56,7 +57,7 @@ def test_two_runs_combine_by_elementwise_max(tmp_path):
     first, second = fake_raw(seed=1), fake_raw(seed=2)
     save_importance(first, tmp_path / "a", manifest)
     save_importance(second, tmp_path / "b", manifest)
-    combined = load_importance([tmp_path / "a", tmp_path / "b"], expected=manifest)
+    combined = load_importance([tmp_path / "a", tmp_path / "b"], expected=manifest, estimator="das")
     for name in ("head", "intermediate", "output"):
         expected = torch.maximum(normalize(getattr(first, name)), normalize(getattr(second, name)))
         assert torch.equal(getattr(combined, name), expected)
@@ -74,7 +75,7 @@ def test_a_manifest_mismatch_is_refused_naming_the_field(tmp_path, field):
             model.model.layers[0].mlp.up_proj.weight.add_(1.0)
         expected = manifest_of(model, "llama")
     with pytest.raises(ImportanceError, match=field) as err:
-        load_importance([tmp_path / "run"], expected=expected)
+        load_importance([tmp_path / "run"], expected=expected, estimator="das")
     assert repr(manifest[field]) in str(err.value)
     assert repr(expected[field]) in str(err.value)
     assert "axolotl cofitune-importance" in str(err.value)
@@ -115,7 +116,7 @@ def test_a_non_negative_estimator_loads_rank_normalised(tmp_path):
 
 def test_a_missing_manifest_is_refused(tmp_path):
     with pytest.raises(ImportanceError, match="has no manifest.json"):
-        load_importance([tmp_path], expected={"model_type": "llama"})
+        load_importance([tmp_path], expected={"model_type": "llama"}, estimator="das")
 
 
 def test_an_existing_importance_is_not_overwritten(tmp_path):
@@ -124,7 +125,7 @@ def test_an_existing_importance_is_not_overwritten(tmp_path):
     with pytest.raises(FileExistsError, match="already holds an importance"):
         save_importance(fake_raw(seed=1), tmp_path, manifest)
     save_importance(fake_raw(seed=1), tmp_path, manifest, overwrite=True)
-    loaded = load_importance([tmp_path], expected=manifest)
+    loaded = load_importance([tmp_path], expected=manifest, estimator="das")
     assert torch.equal(loaded.head, normalize(fake_raw(seed=1).head))
 
 
