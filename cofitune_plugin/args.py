@@ -326,6 +326,13 @@ def check_recipe(cfg: Mapping[str, Any]) -> CoFiTuneConfig | None:
             "`unfrozen_parameters` and `cofitune:` both choose what trains; remove "
             "`unfrozen_parameters` and express the selection in `cofitune.layers`/`modules`"
         )
+    spectrum = [p for p in cfg.get("plugins") or [] if "SpectrumPlugin" in str(p)]
+    if spectrum:
+        raise RecipeError(
+            f"plugins: {spectrum[0]} (Spectrum) and `cofitune:` both choose what trains (each "
+            "writes `unfrozen_parameters`, and the later one would silently win); remove the "
+            "Spectrum plugin, or the `cofitune:` block and `adapter`"
+        )
     if adapter in LORA_ADAPTERS:
         _check_lora_recipe(cfg, adapter)
     elif cfg.get("load_in_4bit"):
@@ -351,12 +358,6 @@ def check_recipe(cfg: Mapping[str, Any]) -> CoFiTuneConfig | None:
             "cofitune: FSDP1 flattens frozen and trained weights together; set `fsdp_version: 2`"
         )
     if config.report is not None:
-        if adapter in LORA_ADAPTERS:
-            raise RecipeError(
-                f"cofitune.report: not supported with adapter: {adapter} yet (the report and "
-                "the dial read full-weight selections); remove `report`, or train with "
-                f"`adapter: {ADAPTER}`"
-            )
         eval_settings(config)
     return config
 
@@ -395,7 +396,9 @@ def _check_lora_recipe(cfg: Mapping[str, Any], adapter: str) -> None:
                 "`cofitune.modules`"
             )
     quantized = bool(cfg.get("load_in_4bit"))
-    if adapter == "cofitune-qlora" and not quantized:
+    # `axolotl merge-lora` loads the recipe again with `load_in_4bit: false, merge_lora: true`
+    # to merge into the unquantized base.
+    if adapter == "cofitune-qlora" and not quantized and not cfg.get("merge_lora"):
         raise RecipeError("adapter: cofitune-qlora needs `load_in_4bit: true`")
     if adapter == "cofitune-lora" and quantized:
         raise RecipeError(

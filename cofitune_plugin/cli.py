@@ -11,18 +11,43 @@
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import yaml
 
 from cofitune_plugin.plugin import LOG, importance_dirs
 
+
+class RecipeParam(click.ParamType):
+    """CONFIG wherever `axolotl train` takes it: a YAML file, a directory holding one, or an
+    https URL, made a local file by Axolotl's own loader (`check_remote_config`,
+    `choose_config`), so the commands and `axolotl train` read the same recipe."""
+
+    name = "recipe"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from axolotl.cli.config import check_remote_config, choose_config
+
+        try:
+            path = Path(check_remote_config(value))
+            if path.is_dir():
+                path = Path(choose_config(path))
+        except (RuntimeError, ValueError) as exc:  # the download or its YAML failed
+            self.fail(f"{value}: {exc}", param, ctx)
+        if not path.is_file():
+            self.fail(f"{value}: no such file, directory with a recipe, or https URL", param, ctx)
+        return str(path)
+
+
+RECIPE = RecipeParam()
+
 UNSHARDED_KEYS = ("deepspeed", "fsdp", "fsdp_config", "fsdp_version")
 """Recipe keys `cofitune-importance` clears: it runs the whole model (see `importance`)."""
 
 
 @click.command("cofitune-importance")
-@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.argument("config", type=RECIPE)
 @click.option(
     "--output",
     type=click.Path(file_okay=False, path_type=Path),
@@ -144,7 +169,7 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
 
 
 @click.command("cofitune-search")
-@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.argument("config", type=RECIPE)
 def search(config: str) -> None:
     """Run CONFIG's `cofitune.search` tree: a short fine-tune per candidate selection, each
     scored on speciality and versatility. Writes trials.jsonl (resumable), chosen.yml (read by
@@ -156,7 +181,7 @@ def search(config: str) -> None:
 
 
 @click.command("cofitune-report")
-@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.argument("config", type=RECIPE)
 def report(config: str) -> None:
     """Compare CONFIG's trained model (in its output_dir) with its base model on the
     `cofitune.report` data (default: the search's): writes cofitune-report.json and .md to the
@@ -172,7 +197,7 @@ def report(config: str) -> None:
 
 
 @click.command("cofitune-dial")
-@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.argument("config", type=RECIPE)
 @click.option(
     "--grid",
     default="0,0.25,0.5,0.75,1",
@@ -226,23 +251,18 @@ def _refuse_several_processes(command: str, why: str) -> None:
 
 def _check_report_recipe(config: str) -> None:
     """Refuse, before any model loads, a recipe the report cannot read."""
-    from cofitune_plugin.args import LORA_ADAPTERS, RecipeError, check_recipe, eval_settings
+    from cofitune_plugin.args import RecipeError, check_recipe, eval_settings
 
     raw = yaml.safe_load(Path(config).read_text())
     recipe = check_recipe(raw)
     if recipe is None:
         raise RecipeError(f"{config}: no `cofitune:` block; the report compares a CoFiTune model")
-    if raw["adapter"] in LORA_ADAPTERS:
-        raise RecipeError(
-            f"adapter: {raw['adapter']}: the report and the dial read full-weight selections "
-            "(`adapter: cofitune`); LoRA recipes are not supported yet"
-        )
     if recipe.report is None:  # check_recipe checks a `report` block; the search may stand in
         eval_settings(recipe)
 
 
 @click.command("cofitune-plan")
-@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.argument("config", type=RECIPE)
 @click.option("--gpus", type=int, default=1, show_default=True, help="GPUs the run uses.")
 @click.option("--gpu-memory", type=float, default=None, help="GiB per GPU: says if it fits.")
 @click.option(

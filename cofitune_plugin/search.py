@@ -18,6 +18,7 @@ Pure Python: the caller supplies `resolve` (spec -> trained layers and parameter
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,9 @@ TRIALS_FILE = "trials.jsonl"
 HEADER_FILE = "search.json"
 BASE_FILE = "base.json"
 CHOSEN_FILE = "chosen.yml"
+HOST_PACKAGES = ("axolotl", "transformers", "peft")
+"""The packages a trial's numbers depend on across the supported Axolotl range (0.21 seeds LoRA
+and changes checkpointing defaults; each Axolotl pins its transformers and peft)."""
 
 Window = str | int | list[int]
 
@@ -69,6 +73,12 @@ class TrialRecord:
     train_seconds: float
     eval_seconds: float
     tasks: dict[str, float] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)  # HOST_PACKAGES' when measured
+
+
+def host_versions() -> dict[str, str]:
+    """The installed versions of HOST_PACKAGES, as trial records keep them."""
+    return {name: version(name) for name in HOST_PACKAGES}
 
 
 @dataclass
@@ -275,6 +285,20 @@ class SearchRecords:
                 "away to start over; its records are left untouched."
             )
 
+    def check_versions(self, current: dict[str, str]) -> None:
+        """Refuse to add trials measured under `current` versions to trials measured under
+        others: their scores are not comparable (the search ranks them against each other)."""
+        for record in self.trials().values():
+            if record.versions != current:
+                recorded = _versions_label(record.versions) or "versions not recorded"
+                raise SearchError(
+                    f"{self.trials_path}: trial {record.key} was measured under {recorded}, "
+                    f"this environment has {_versions_label(current)}; trials measured under "
+                    "different versions do not compare. Point `cofitune.search.output_dir` at a "
+                    "new directory (or move this one away) to search again here, or run the "
+                    "search in the environment that made these records."
+                )
+
     def trials(self) -> dict[str, TrialRecord]:
         try:
             records = read_records(self.trials_path, lambda row: TrialRecord(**row))
@@ -317,6 +341,10 @@ def read_chosen(directory: Path) -> dict[str, str]:
         )
     chosen = yaml.safe_load(path.read_text())
     return {"layers": chosen["layers"], "modules": chosen["modules"]}
+
+
+def _versions_label(versions: dict[str, str]) -> str:
+    return ", ".join(f"{name} {number}" for name, number in sorted(versions.items()))
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -20,6 +20,7 @@ from cofitune_plugin.search import (
     SearchRecords,
     TrialRecord,
     check_levels,
+    host_versions,
     paper_default,
     run_search,
     write_chosen,
@@ -73,6 +74,7 @@ def search_command(config: str) -> str:
     planned = min(check_levels(spec.levels, resolve), spec.max_trials or sys.maxsize)
     records = SearchRecords(Path(output))
     records.check_header(search_header(raw))
+    records.check_versions(host_versions())
     trials = SearchTrials(config, spec, records, planned)
     result = run_search(
         spec.levels,
@@ -219,6 +221,7 @@ class SearchTrials:
             tasks=scores.task_scores(),
             train_seconds=run.train_seconds,
             eval_seconds=eval_seconds,
+            versions=host_versions(),
         )
         self.records.append(record)
         self.finished.append(record)

@@ -226,6 +226,24 @@ def trial(key: str, speciality: float, retention_nll: float, trainable: int = 1)
     return TrialRecord(key, key, "ffn", [0], trainable, speciality, retention_nll, 1.0, 0.0, 0.0)
 
 
+def test_trials_measured_under_other_versions_are_refused_naming_both(tmp_path):
+    """The search ranks trials against each other: one measured under another Axolotl (0.21
+    seeds LoRA, changes checkpointing) or transformers/peft must not join them."""
+    records = SearchRecords(tmp_path)
+    old = {"axolotl": "0.19.0", "peft": "0.20.0", "transformers": "5.16.1"}
+    record = trial("a", 0.5, 1.25)
+    record.versions = old
+    records.append(record)
+    records.check_versions(old)  # the same environment resumes
+    new = {"axolotl": "0.21.0", "peft": "0.21.2", "transformers": "5.20.1"}
+    with pytest.raises(SearchError) as err:
+        records.check_versions(new)
+    message = str(err.value)
+    assert "axolotl 0.19.0, peft 0.20.0, transformers 5.16.1" in message
+    assert "axolotl 0.21.0, peft 0.21.2, transformers 5.20.1" in message
+    assert "Point `cofitune.search.output_dir` at a new directory" in message
+
+
 def test_uni_normalises_speciality_to_the_best_trial_and_versatility_to_the_base():
     trials = [trial("a", 0.5, 1.25), trial("b", 1.0, 1.0)]
     equal = SearchWeights(speciality=1.0, versatility=1.0)

@@ -26,7 +26,15 @@ from cofitune_plugin.train_report import (
     report_on,
     write_dial,
 )
-from helpers import SENTENCES, build_tiny_model, recipe, run_axolotl, search_block, write_recipe
+from helpers import (
+    AXOLOTL_VERSION,
+    SENTENCES,
+    build_tiny_model,
+    recipe,
+    run_axolotl,
+    search_block,
+    write_recipe,
+)
 
 ANY_TEXT = r"(?s)(.+)"  # exact match of the whole generation
 NEW_TOKENS = 6
@@ -239,10 +247,15 @@ def test_the_dialled_directory_loads_and_differs_from_the_base_in_the_selection_
         write_dial(trained, [], 0.5, tmp_path / "half")
 
 
+LORA = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+
+
 @pytest.mark.axolotl
-def test_train_writes_the_report_once_and_the_commands_read_it(tmp_path, tiny_models):
+@pytest.mark.parametrize("adapter", ["cofitune", "cofitune-lora"])
+def test_train_writes_the_report_once_and_the_commands_read_it(tmp_path, tiny_models, adapter):
     """One real `axolotl train` with a `report` block; then `cofitune-report` and
-    `cofitune-dial` in this process on its output directory."""
+    `cofitune-dial` in this process on its output directory. A LoRA run's output directory
+    holds an adapter, which the report and the dial merge into the base in memory."""
     from cofitune_plugin.cli import dial, report
 
     block = {
@@ -251,12 +264,15 @@ def test_train_writes_the_report_once_and_the_commands_read_it(tmp_path, tiny_mo
         "search": search_block(tmp_path)["search"],
         "report": {},
     }
-    path = write_recipe(tmp_path, recipe(tmp_path, tiny_models["llama"], cofitune=block))
+    lora = LORA if adapter == "cofitune-lora" else {}
+    cfg = recipe(tmp_path, tiny_models["llama"], cofitune=block, adapter=adapter, **lora)
+    path = write_recipe(tmp_path, cfg)
     trained = run_axolotl("train", str(path), cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr[-4000:]
     log = trained.stdout + trained.stderr
     assert log.count("Domain gain: held-out NLL") == 1, log[-3000:]
     out = tmp_path / "out"
+    assert (out / "adapter_config.json").is_file() == (adapter == "cofitune-lora")
     written = json.loads((out / "cofitune-report.json").read_text())
     assert written["speciality"]["tuned"] < written["speciality"]["base"]  # it learnt its data
     assert "CoFiTune trains layers 2-3" in written["selection"]
@@ -272,6 +288,31 @@ def test_train_writes_the_report_once_and_the_commands_read_it(tmp_path, tiny_mo
     assert points[0]["speciality"] == pytest.approx(written["speciality"]["base"], rel=1e-4)
     assert points[1]["speciality"] == pytest.approx(written["speciality"]["tuned"], rel=1e-4)
     assert (out / DIAL_DIR / "dial.png").stat().st_size > 0
+
+
+@pytest.mark.axolotl
+@pytest.mark.skipif(AXOLOTL_VERSION < (0, 21), reason="`post_lora_merge` came with Axolotl 0.21")
+def test_merge_lora_writes_the_merged_models_report_beside_it(tmp_path, tiny_models):
+    """`axolotl merge-lora` on a trained cofitune-lora recipe: Axolotl's `post_lora_merge` hook
+    reports on the merged model, in its directory; the figures are those of the adapter merged
+    in memory after training."""
+    block = {"layers": "25%-50%", "modules": ["ffn"], "search": search_block(tmp_path)["search"]}
+    block["report"] = {}
+    cfg = recipe(tmp_path, tiny_models["llama"], cofitune=block, adapter="cofitune-lora", **LORA)
+    path = write_recipe(tmp_path, cfg)
+    trained = run_axolotl("train", str(path), cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-4000:]
+    merged = run_axolotl("merge-lora", str(path), cwd=tmp_path)
+    assert merged.returncode == 0, merged.stderr[-4000:]
+    out = tmp_path / "out"
+    after_training = json.loads((out / "cofitune-report.json").read_text())
+    after_merge = json.loads((out / "merged" / "cofitune-report.json").read_text())
+    assert after_merge["speciality"]["tuned"] == pytest.approx(
+        after_training["speciality"]["tuned"], rel=1e-4
+    )
+    assert after_merge["versatility"]["retention_nll"]["tuned"] == pytest.approx(
+        after_training["versatility"]["retention_nll"]["tuned"], rel=1e-4
+    )
 
 
 def test_a_recipe_whose_output_is_another_model_is_refused(tmp_path, tiny_models):
@@ -296,7 +337,6 @@ def test_a_recipe_whose_output_is_another_model_is_refused(tmp_path, tiny_models
             "cofitune",
             r"cofitune.report.speciality.data: no file at nowhere.jsonl",
         ),
-        ({"search": "SEARCH", "report": {}}, "cofitune-lora", "cofitune.report: not supported"),
     ],
 )
 def test_a_report_it_cannot_make_stops_at_the_recipe(tmp_path, block, adapter, message):
