@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from cofitune_plugin.args import EvalSettings
+from cofitune_plugin.eval_schema import EvalSettings
 from cofitune_plugin.evaluation import (
     TaskResult,
     answer_scores,

@@ -123,7 +123,7 @@ class SearchTrials:
         self.session = None
 
     def _load(self, window: str, modules: str) -> None:
-        from cofitune_plugin.args import EvalSettings
+        from cofitune_plugin.eval_schema import EvalSettings
         from cofitune_plugin.scoring import Evaluator
         from cofitune_plugin.session import Session
 
