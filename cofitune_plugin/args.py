@@ -21,6 +21,8 @@ _TRIAL_FORBIDDEN = ("adapter", "base_model", "cofitune", "plugins", "unfrozen_pa
 LORA_ADAPTERS = {"cofitune-lora": "lora", "cofitune-qlora": "qlora"}
 """Recipe adapter name -> the Axolotl adapter the plugin hands over to (see `check_recipe`)."""
 ADAPTERS = (ADAPTER, *LORA_ADAPTERS)
+LAUNCHER_KEYS = ("deepspeed", "fsdp", "fsdp_config", "fsdp_version")
+"""Recipe keys that choose a sharding launcher (DeepSpeed, FSDP)."""
 
 # Keys that choose where LoRA adapters go: in a cofitune-lora/-qlora recipe the selection does.
 _LORA_TARGET_KEYS = (
@@ -120,6 +122,41 @@ class SearchConfig(BaseModel):
     versatility: VersatilityConfig
     weights: SearchWeights = Field(default_factory=SearchWeights)
     eval_batch_size: int = Field(default=8, ge=1)
+    trials: Literal["auto", "in_process", "launch"] = Field(
+        default="auto",
+        description="`in_process`: every trial in the search's own process (the model and data "
+        "load once); `launch`: each trial an `accelerate launch` of Axolotl's training with the "
+        "recipe's launcher, its own log and scores file; `auto`: in process where a trial runs "
+        "on one process without a `deepspeed`/`fsdp` launcher, one at a time, else launched.",
+    )
+    gpus_per_trial: int | None = Field(
+        default=None,
+        ge=1,
+        description="Launched trials on GPUs: the visible GPUs split into groups of this size "
+        "(CUDA_VISIBLE_DEVICES), one trial per group at once, level by level. Default: every "
+        "visible GPU, one trial at a time.",
+    )
+    cpu_processes_per_trial: int = Field(
+        default=1, ge=1, description="Without a GPU: the processes (gloo ranks) of a trial."
+    )
+    cpu_trials_at_once: int = Field(
+        default=1, ge=1, description="Without a GPU: how many launched trials run at once."
+    )
+    device_memory_gib: float | None = Field(
+        default=None,
+        gt=0,
+        description="Memory per device a candidate's estimated peak (`axolotl cofitune-plan`'s "
+        "model) must fit, else it is skipped before it starts. Default: the smallest visible "
+        "GPU's; none on a CPU.",
+    )
+
+    def eval_settings(self) -> EvalSettings:
+        """What every trial is scored on."""
+        return EvalSettings(
+            speciality=self.speciality,
+            versatility=self.versatility,
+            eval_batch_size=self.eval_batch_size,
+        )
 
     @field_validator("levels")
     @classmethod
@@ -185,6 +222,12 @@ class CoFiTuneConfig(BaseModel):
     )
     search: SearchConfig | None = None
     report: ReportConfig | None = None
+    trial_scores: str | None = Field(
+        default=None,
+        description="Written by `cofitune-search` into each launched trial's config, not for "
+        "recipes: after training, rank 0 scores the saved model on the search's data and "
+        "writes the scores to this file.",
+    )
 
 
 class CoFiTuneArgs(BaseModel):
@@ -223,6 +266,11 @@ def check_recipe(cfg: Mapping[str, Any]) -> CoFiTuneConfig | None:
         raise RecipeError(
             "cofitune.from_search: the search chooses `layers` and `modules`; remove them, or "
             "remove `from_search` to train the selection you write"
+        )
+    if config.trial_scores and config.search is None:
+        raise RecipeError(
+            "cofitune.trial_scores: a launched trial's config scores on `cofitune.search`'s "
+            "data; it is written by `axolotl cofitune-search`, remove it from your recipe"
         )
     if adapter not in ADAPTERS:
         raise RecipeError(

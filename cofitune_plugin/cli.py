@@ -17,9 +17,6 @@ import yaml
 
 from cofitune_plugin.plugin import LOG, importance_dirs
 
-UNSHARDED_KEYS = ("deepspeed", "fsdp", "fsdp_config", "fsdp_version")
-"""Recipe keys `cofitune-importance` clears: it runs the whole model (see `importance`)."""
-
 
 @click.command("cofitune-importance")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
@@ -43,7 +40,7 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
     from axolotl.train import setup_model_and_trainer
 
     from cofitune_plugin.architectures import architecture_for
-    from cofitune_plugin.args import RecipeError, check_recipe
+    from cofitune_plugin.args import LAUNCHER_KEYS, RecipeError, check_recipe
     from cofitune_plugin.importance import batch_share, compute_importance, global_batches
     from cofitune_plugin.importance_store import (
         MANIFEST_FILE,
@@ -76,7 +73,7 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
         "cofitune__from_search": None,  # importance covers every layer, whatever is chosen
         "sample_packing": False,
         "gradient_checkpointing_kwargs__use_reentrant": False,
-        **dict.fromkeys(UNSHARDED_KEYS),
+        **dict.fromkeys(LAUNCHER_KEYS),  # importance runs the whole model
     }
     if soft_mask.datasets:
         overrides["datasets"] = soft_mask.datasets

@@ -42,6 +42,15 @@ class ModelEval:
         """Each lm-eval task's score, as trial records and dial points keep them."""
         return {task: result.score for task, result in self.tasks.items()}
 
+    def trial_measures(self) -> dict[str, Any]:
+        """What a search trial's record keeps of these scores."""
+        return {
+            "speciality": self.speciality,
+            "retention_nll": self.retention_nll,
+            "agreement": self.agreement,
+            "tasks": self.task_scores(),
+        }
+
 
 class Evaluator:
     """Reads the report's data once and scores models on it."""

@@ -50,20 +50,19 @@ def scripted_trials(losses: dict[tuple[str, str], float], log: list[Candidate]):
     """A trial whose held-out loss is looked up by (window, modules); retention is perfect,
     so the search ranks by speciality alone."""
 
-    def run(candidate: Candidate) -> TrialRecord:
-        log.append(candidate)
-        return TrialRecord(
-            key=candidate.key,
-            window=candidate.window,
-            modules=candidate.modules,
-            layers=list(candidate.layers),
-            trainable=candidate.trainable,
-            speciality=losses.get((candidate.window, candidate.modules), 1.5),
-            retention_nll=1.0,
-            agreement=1.0,
-            train_seconds=0.0,
-            eval_seconds=0.0,
-        )
+    def run(candidates: list[Candidate]) -> list[TrialRecord]:
+        log.extend(candidates)
+        return [
+            TrialRecord.of(
+                candidate,
+                speciality=losses.get((candidate.window, candidate.modules), 1.5),
+                retention_nll=1.0,
+                agreement=1.0,
+                train_seconds=0.0,
+                eval_seconds=0.0,
+            )
+            for candidate in candidates
+        ]
 
     return run
 
