@@ -222,12 +222,6 @@ class CoFiTuneConfig(BaseModel):
     )
     search: SearchConfig | None = None
     report: ReportConfig | None = None
-    trial_scores: str | None = Field(
-        default=None,
-        description="Written by `cofitune-search` into each launched trial's config, not for "
-        "recipes: after training, rank 0 scores the saved model on the search's data and "
-        "writes the scores to this file.",
-    )
 
 
 class CoFiTuneArgs(BaseModel):
@@ -266,11 +260,6 @@ def check_recipe(cfg: Mapping[str, Any]) -> CoFiTuneConfig | None:
         raise RecipeError(
             "cofitune.from_search: the search chooses `layers` and `modules`; remove them, or "
             "remove `from_search` to train the selection you write"
-        )
-    if config.trial_scores and config.search is None:
-        raise RecipeError(
-            "cofitune.trial_scores: a launched trial's config scores on `cofitune.search`'s "
-            "data; it is written by `axolotl cofitune-search`, remove it from your recipe"
         )
     if adapter not in ADAPTERS:
         raise RecipeError(

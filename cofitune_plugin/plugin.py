@@ -19,10 +19,9 @@ Hooks used, in Axolotl's order:
   exactly the selection (or its adapters) trains, print the trainable-parameter report, and attach
   the soft masks (`cofitune.soft_mask`), to the base rows or to each adapter's `lora_B` rows.
 - `post_train`: with `cofitune.report`, write the before/after report (train_report.py) once the
-  trained model is saved in `output_dir`, on global rank 0 only; in a trial `cofitune-search`
-  launched (`cofitune.trial_scores`), write the trial's scores instead (trial_launch.py). Axolotl
-  calls this hook right after training and again after saving: both read the saved model, so they
-  run on the call that finds weights newer than the start of training, once.
+  trained model is saved in `output_dir`, on global rank 0 only. Axolotl calls this hook right
+  after training and again after saving: the report reads the saved model, so it runs on the call
+  that finds weights newer than the start of training, once.
 """
 
 import copy
@@ -193,22 +192,13 @@ class CoFiTunePlugin(BasePlugin):
             trainer.add_callback(_SoftMaskDuringTraining(masks, config.soft_mask.apply_to))
 
     def post_train(self, cfg: DictDefault, model: nn.Module) -> None:
-        if cfg.cofitune is None or self._reported:
-            return
-        scores, report = cfg.cofitune.get("trial_scores"), cfg.cofitune.get("report")
-        if scores is None and report is None:
+        if cfg.cofitune is None or cfg.cofitune.get("report") is None or self._reported:
             return
         if os.environ.get("RANK", "0") != "0" or not _saved_since(
             Path(cfg.output_dir), self._trainer_created
         ):
             return
         self._reported = True
-        if scores is not None:  # a trial `cofitune-search` launched: its scores, no report
-            from cofitune_plugin.trial_launch import write_trial_scores
-
-            path = write_trial_scores(cfg, self._trainer_created)
-            LOG.info("cofitune: trial scores written to %s", path)
-            return
         from cofitune_plugin.train_report import headline
 
         report, path = write_report(cfg)

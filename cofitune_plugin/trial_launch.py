@@ -5,12 +5,14 @@ trial's selection.
 
 The search's own process (the driver) keeps the records. Per trial it writes a config,
 `trials/<trial>/config.yml` (the recipe with `cofitune.search.trial` applied, the candidate's
-`layers`/`modules`, no soft mask, and `cofitune.trial_scores`), and launches it with its output
-in `trials/<trial>/trial.log`. After training, the trial's rank 0 scores the saved model on the
-search's data (`write_trial_scores`, from the plugin's `post_train`) and writes `scores.json`
-(fsynced, then renamed into place); the driver turns it into the record it appends to
-trials.jsonl and deletes the trial's weights. A launch that ends without scores (a crash, an
-out-of-memory error, a killed rank) is recorded as failed with its exit status and log tail.
+`layers`/`modules`, no soft mask), launches it, then scores the saved model in one more process
+of its own (`python -m cofitune_plugin.trial_launch TRIAL_DIR`, on the trial's first device:
+after a launch the trainer's process holds state, such as Axolotl's ZeRO-3 loading patches,
+that would partition the model being scored), with both outputs in `trials/<trial>/trial.log`.
+The scorer writes `scores.json` (fsynced, then renamed into place); the driver turns it into the
+record it appends to trials.jsonl and deletes the trial's weights. A trial that ends without
+scores (a crash, an out-of-memory error, a killed rank) is recorded as failed with its exit
+status and log tail.
 
 Device groups: the visible GPUs split into groups of `gpus_per_trial` (without a GPU,
 `cpu_trials_at_once` groups of `cpu_processes_per_trial` processes); one trial per group runs at
@@ -18,9 +20,9 @@ once, level by level. Records are appended in candidate order, whatever order th
 in, so the records do not depend on how many trials ran at once.
 
 A killed driver loses no finished trial: a trial's scores file exists before the driver reads
-it, and a restarted driver collects it instead of launching again. Each launch holds a lock on
-its log that the launched processes inherit, so a restarted driver that finds a trial of the
-killed one still running waits for it rather than start it a second time.
+it, and a restarted driver collects it instead of launching again. Each trial's processes
+inherit a lock on its log, so a restarted driver that finds a trial of the killed one still
+running waits for it rather than start it a second time.
 """
 
 import fcntl
@@ -44,7 +46,6 @@ import yaml
 from cofitune_plugin.args import LAUNCHER_KEYS, CoFiTuneConfig, SearchConfig
 from cofitune_plugin.cpu_threads import THREADS_VARIABLE, usable_cores
 from cofitune_plugin.eval_schema import RecipeError
-from cofitune_plugin.plugin import LOG
 from cofitune_plugin.search import Candidate, SearchRecords, TrialRecord
 
 TRIALS_DIR = "trials"
@@ -122,15 +123,11 @@ def trial_name(candidate: Candidate) -> str:
 def trial_config(raw: dict, spec: SearchConfig, candidate: Candidate, trial_dir: Path) -> dict:
     """The recipe one launched trial trains: `cofitune.search.trial` applied, the candidate's
     selection without soft masks (the search compares selections), weights saved only at the
-    end (for scoring), and where to write the scores."""
+    end (for scoring), and the search's directory (where the scorer finds the base record)."""
     block = {k: v for k, v in raw["cofitune"].items() if k not in ("soft_mask", "from_search")}
     search_dir = Path(spec.output_dir or raw["cofitune"]["from_search"]).resolve()
     block["search"] = {**block["search"], "output_dir": str(search_dir)}
-    block.update(
-        layers=candidate.window,
-        modules=candidate.modules,
-        trial_scores=str((trial_dir / SCORES_FILE).resolve()),
-    )
+    block.update(layers=candidate.window, modules=candidate.modules)
     return {
         **raw,
         **spec.trial,
@@ -198,6 +195,8 @@ class LaunchedTrials:
         return done
 
     def _run(self, candidate: Candidate, group: DeviceGroup) -> TrialRecord:
+        from cofitune_plugin.plugin import LOG  # Axolotl's logger; the scorer never needs it
+
         trial_dir = self.records.directory / TRIALS_DIR / trial_name(candidate)
         trial_dir.mkdir(parents=True, exist_ok=True)
         log_path = trial_dir / LOG_FILE
@@ -223,7 +222,6 @@ class LaunchedTrials:
                     trial_config(self.raw, self.spec, candidate, trial_dir), sort_keys=False
                 )
             )
-            command = launch_command(config, group)
             devices = f"GPUs {','.join(group.gpus)}" if group.gpus else "CPU"
             LOG.info(
                 "cofitune-search: trial %s: layers %s, modules %s (%s parameters) on %s, %d "
@@ -236,15 +234,12 @@ class LaunchedTrials:
                 group.processes,
                 log_path,
             )
-            log.write(f"\n$ {' '.join(command)}\n")
-            log.flush()
-            status = subprocess.run(
-                command,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self._environment(group),
-                check=False,
-            ).returncode
+            start = time.perf_counter()
+            status = self._call(launch_command(config, group), log, group)
+            if status == 0:
+                seconds = time.perf_counter() - start
+                score = [sys.executable, "-m", __name__, str(trial_dir), f"{seconds:.3f}"]
+                status = self._call(score, log, group)
         record = self._collect(candidate, trial_dir)
         if record is None:
             tail = log_path.read_text(errors="replace")[-LOG_TAIL:]
@@ -261,6 +256,18 @@ class LaunchedTrials:
             shutil.rmtree(trial_dir / "out", ignore_errors=True)  # scored: the weights go
             self.finished.append(record)
         return record
+
+    def _call(self, command: list[str], log, group: DeviceGroup) -> int:
+        """Run `command` on `group`'s devices with its output in `log`; its exit status."""
+        log.write(f"\n$ {' '.join(command)}\n")
+        log.flush()
+        return subprocess.run(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self._environment(group),
+            check=False,
+        ).returncode
 
     def _environment(self, group: DeviceGroup) -> dict[str, str]:
         """The launch's environment: its GPUs; without any, an equal share of the cores for
@@ -293,26 +300,30 @@ def load_scored_model(path: str | Path, trust_remote_code: bool = False):
     return model.to("cuda") if torch.cuda.is_available() else model
 
 
-def write_trial_scores(cfg, trainer_created: float) -> Path:
-    """In a launched trial, on rank 0 after the trained model is saved: score it on the search's
-    data against the base record's answers and write `cofitune.trial_scores`."""
-    from axolotl.loaders import load_tokenizer
+def score_trial(trial_dir: Path, launch_seconds: float) -> Path:
+    """Score a launched trial's saved model on the search's data, against the base record's
+    answers, and write its scores file (`launch_seconds`: the launch's wall time, kept as the
+    trial's training time: start-up, loading and saving included)."""
+    from transformers import AutoTokenizer
 
     from cofitune_plugin.scoring import Evaluator
 
-    train_seconds = time.time() - trainer_created  # includes saving the model
-    config = CoFiTuneConfig.model_validate(cfg.cofitune)
-    base = SearchRecords(Path(config.search.output_dir)).base()
-    evaluator = Evaluator(load_tokenizer(cfg), config.search.eval_settings())
-    model = load_scored_model(cfg.output_dir, bool(cfg.trust_remote_code))
+    raw = yaml.safe_load((trial_dir / CONFIG_FILE).read_text())
+    search = CoFiTuneConfig.model_validate(raw["cofitune"]).search
+    base = SearchRecords(Path(search.output_dir)).base()
+    output_dir, remote = raw["output_dir"], bool(raw.get("trust_remote_code"))
+    # the tokenizer as Axolotl set it up, saved beside the model
+    tokenizer = AutoTokenizer.from_pretrained(output_dir, trust_remote_code=remote)
+    evaluator = Evaluator(tokenizer, search.eval_settings())
+    model = load_scored_model(output_dir, remote)
     start = time.perf_counter()
     scores = evaluator.evaluate(model, base.answers)
     measures: dict[str, Any] = {
         **scores.trial_measures(),
-        "train_seconds": train_seconds,
+        "train_seconds": launch_seconds,
         "eval_seconds": time.perf_counter() - start,
     }
-    path = Path(config.trial_scores)
+    path = trial_dir / SCORES_FILE
     partial = path.with_suffix(".partial")
     with partial.open("w") as f:
         f.write(json.dumps(measures))
@@ -320,3 +331,7 @@ def write_trial_scores(cfg, trainer_created: float) -> Path:
         os.fsync(f.fileno())
     partial.replace(path)
     return path
+
+
+if __name__ == "__main__":
+    score_trial(Path(sys.argv[1]), float(sys.argv[2]))
