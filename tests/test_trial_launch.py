@@ -118,9 +118,11 @@ def search_recipe(run_dir: Path, model_dir: Path, engine: str | None = None, **s
 
 def start_search(config: Path, engine: str | None = None) -> subprocess.Popen:
     """`axolotl cofitune-search CONFIG` in its own process group (so a test can kill the driver
-    and its trials together, as a crash of the machine would)."""
+    and its trials together, as a crash of the machine would), one thread per process as
+    `helpers.run_axolotl` runs Axolotl (a user's choice, which trials keep)."""
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, **OFFLINE_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    env = {**os.environ, **OFFLINE_ENV, "PATH": path, "OMP_NUM_THREADS": "1"}
     if engine:  # FSDP2 and DeepSpeed on CPU processes need the test harness's shims
         env.update(harness_env())
     return subprocess.Popen(
