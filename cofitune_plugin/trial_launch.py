@@ -290,14 +290,15 @@ class LaunchedTrials:
 
 
 def load_scored_model(path: str | Path, trust_remote_code: bool = False):
-    """A model as the search scores it outside its trials' training: read from `path` in its
-    saved dtype, on the GPU when there is one."""
+    """A model as the search scores it outside training: read from `path` in its saved dtype,
+    spread over the visible GPUs where there are any (a 70B model holds no single GPU; in a
+    trial's scorer they are its group's), else on the CPU."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype="auto", trust_remote_code=trust_remote_code
+    on_gpus = {"device_map": "auto"} if torch.cuda.is_available() else {}
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype="auto", trust_remote_code=trust_remote_code, **on_gpus
     )
-    return model.to("cuda") if torch.cuda.is_available() else model
 
 
 def score_trial(trial_dir: Path, launch_seconds: float) -> Path:
