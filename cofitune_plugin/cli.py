@@ -133,7 +133,9 @@ def search(config: str) -> None:
     `cofitune.from_search`), report.md and pareto.png to the search's output_dir."""
     from cofitune_plugin.search_run import search_command
 
-    _refuse_several_processes("cofitune-search", "runs its trials in one process")
+    _refuse_several_processes(
+        "cofitune-search", "is one process that keeps the records (it launches its own trials)"
+    )
     click.echo(search_command(config))
 
 

@@ -1,6 +1,7 @@
-"""`axolotl cofitune-search` in this process: the recipe's checks, the trials (each a run of the
-training session, scored by the report's own evaluator), and the files the search writes
-(trials.jsonl, chosen.yml, report.md, pareto.png)."""
+"""`axolotl cofitune-search`: the recipe's checks (the memory of every first-level candidate
+among them, before anything loads), the trials (in this process, each a run of the training
+session scored by the report's own evaluator, or each its own launch: trial_launch.py), and the
+files the search writes (trials.jsonl, chosen.yml, report.md, pareto.png)."""
 
 import gc
 import sys
@@ -337,8 +338,9 @@ class SearchTrials:
 
 def search_header(raw: dict) -> dict:
     """What trial records depend on: the recipe without the search's own shape (its levels and
-    cap may change between runs; records are matched per candidate) or its `weights` (they
-    only score the records: new weights re-score them without training again)."""
+    cap may change between runs; records are matched per candidate), its `weights` (they
+    only score the records: new weights re-score them without training again) or where and
+    how many at once its trials run."""
     from cofitune_plugin import __version__
 
     recipe = {k: v for k, v in raw.items() if k not in _NOT_IN_HEADER}
