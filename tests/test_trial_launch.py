@@ -125,19 +125,21 @@ def start_search(config: Path, engine: str | None = None) -> subprocess.Popen:
     env = {**os.environ, **OFFLINE_ENV, "PATH": path, "OMP_NUM_THREADS": "1"}
     if engine:  # FSDP2 and DeepSpeed on CPU processes need the test harness's shims
         env.update(harness_env())
-    return subprocess.Popen(
-        [str(bin_dir / "axolotl"), "cofitune-search", str(config)],
-        cwd=config.parent,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    with (config.parent / "driver.log").open("w") as log:  # a file: no pipe to fill up
+        return subprocess.Popen(
+            [str(bin_dir / "axolotl"), "cofitune-search", str(config)],
+            cwd=config.parent,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
-def finish(driver: subprocess.Popen) -> str:
-    output, _ = driver.communicate(timeout=1500)
+def finish(driver: subprocess.Popen, config: Path) -> str:
+    """Wait for the search started on `config`; its output."""
+    driver.wait(timeout=1500)
+    output = (config.parent / "driver.log").read_text()
     assert driver.returncode == 0, output[-6000:]
     return output
 
@@ -181,7 +183,7 @@ def in_process(tmp_path_factory, tiny_models) -> Path:
     limit = (peaks["0-7"] + max(peaks[w] for w in WINDOWS)) / 2 / GIB
     raw["cofitune"]["search"]["device_memory_gib"] = limit
     config.write_text(yaml.safe_dump(raw))
-    output = finish(start_search(config))
+    output = finish(start_search(config), config)
     assert "Skipped before starting: layers=0-7|modules=ffn: estimated" in output, output[-3000:]
     assert not (run_dir / "search" / TRIALS_DIR).exists()  # nothing launched, nothing skipped ran
     return run_dir
@@ -195,7 +197,7 @@ def test_trials_launched_on_two_processes_record_the_in_process_scores(
     """Each trial a 2-process gloo launch under ZeRO-3 or FSDP2: the same trials in the same
     order, scores within float rounding of the in-process ones, the same chosen selection."""
     config = search_recipe(tmp_path / engine, tiny_models["llama"], engine, trials="auto")
-    output = finish(start_search(config, engine))
+    output = finish(start_search(config, engine), config)
     launcher = "deepspeed" if engine == "zero3" else "fsdp_version"
     assert f"auto: the recipe's `{launcher}` launcher needs a launch per trial" in output
     for window in WINDOWS:
@@ -210,7 +212,7 @@ def test_two_trials_at_once_record_what_one_at_a_time_records(tmp_path, tiny_mod
     """Two groups of one process, both trials at once: the records, in candidate order, and
     the choice are the serial search's."""
     config = search_recipe(tmp_path / "at-once", tiny_models["llama"], cpu_trials_at_once=2)
-    output = finish(start_search(config))
+    output = finish(start_search(config), config)
     assert "auto: 2 group(s) of 1 process(es), one trial each" in output
     same_records(records(tmp_path / "at-once"), records(in_process))
     assert chosen(tmp_path / "at-once") == chosen(in_process)
@@ -219,7 +221,7 @@ def test_two_trials_at_once_record_what_one_at_a_time_records(tmp_path, tiny_mod
 def wait_for(condition, what: str, driver: subprocess.Popen, timeout: float = 900) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
-        assert driver.poll() is None, f"the search ended before {what}: {driver.stdout.read()}"
+        assert driver.poll() is None, f"the search ended before {what}"
         assert time.monotonic() < deadline, f"no {what} after {timeout} s"
         time.sleep(0.2)
 
@@ -255,7 +257,7 @@ def test_a_killed_rank_is_recorded_as_failed_and_a_killed_driver_reruns_nothing_
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
 
-    output = finish(start_search(config))
+    output = finish(start_search(config), config)
     found = records(run_dir)
     assert [r["key"] for r in found] == [f"layers={w}|modules=ffn" for w in ["0-7", *WINDOWS]]
     failed = found[0]["failed"]
