@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -175,7 +176,7 @@ def in_process(tmp_path_factory, tiny_models) -> Path:
     config = search_recipe(run_dir, tiny_models["llama"], levels=levels)
     raw = yaml.safe_load(config.read_text())
     _, model = meta_model_of(raw)
-    setup = recipe_setup({**raw, "micro_batch_size": 2}, 1)
+    setup = replace(recipe_setup(raw, 1), on_gpu=False)  # as the search estimates on a CPU
     peaks = {
         window: plan_memory(model_shape(model, select(model, window, "ffn")), setup).total
         for window in levels[0]["windows"]
