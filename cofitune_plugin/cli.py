@@ -42,9 +42,6 @@ class RecipeParam(click.ParamType):
 
 RECIPE = RecipeParam()
 
-UNSHARDED_KEYS = ("deepspeed", "fsdp", "fsdp_config", "fsdp_version")
-"""Recipe keys `cofitune-importance` clears: it runs the whole model (see `importance`)."""
-
 
 @click.command("cofitune-importance")
 @click.argument("config", type=RECIPE)
@@ -72,7 +69,7 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
     from axolotl.train import setup_model_and_trainer
 
     from cofitune_plugin.architectures import architecture_for
-    from cofitune_plugin.args import RecipeError, check_recipe
+    from cofitune_plugin.args import LAUNCHER_KEYS, RecipeError, check_recipe
     from cofitune_plugin.importance import batch_share, compute_importance, global_batches
     from cofitune_plugin.importance_store import (
         MANIFEST_FILE,
@@ -105,7 +102,7 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
         "cofitune__from_search": None,  # importance covers every layer, whatever is chosen
         "sample_packing": False,
         "gradient_checkpointing_kwargs__use_reentrant": False,
-        **dict.fromkeys(UNSHARDED_KEYS),
+        **dict.fromkeys(LAUNCHER_KEYS),  # importance runs the whole model
     }
     if soft_mask.datasets:
         overrides["datasets"] = soft_mask.datasets
@@ -176,7 +173,9 @@ def search(config: str) -> None:
     `cofitune.from_search`), report.md and pareto.png to the search's output_dir."""
     from cofitune_plugin.search_run import search_command
 
-    _refuse_several_processes("cofitune-search", "runs its trials in one process")
+    _refuse_several_processes(
+        "cofitune-search", "is one process that keeps the records (it launches its own trials)"
+    )
     click.echo(search_command(config))
 
 

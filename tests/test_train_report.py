@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cofitune_plugin.answers import extract_answer
-from cofitune_plugin.args import EvalSettings
 from cofitune_plugin.dial import selection_values
+from cofitune_plugin.eval_schema import EvalSettings
 from cofitune_plugin.evaluation import greedy_generate, read_examples
 from cofitune_plugin.importance_store import model_fingerprint
 from cofitune_plugin.search import BaseRecord, SearchRecords
