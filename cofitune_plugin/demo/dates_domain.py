@@ -12,7 +12,7 @@ import datetime
 import random
 from pathlib import Path
 
-from cofitune_plugin.demo.math_domain import GENERAL_PROMPTS, write_jsonl
+from cofitune_plugin.demo.math_domain import GENERAL_PROMPTS, distinct_rows, write_jsonl
 
 ANSWER_REGEX = r"####\s*(\d{4}-\d{2}-\d{2})"
 ORDINALS = [
@@ -61,15 +61,7 @@ def write_dates_dataset(
 ) -> dict[str, Path]:
     """Write train, eval and dev chat data (no question in two of them) and the general
     prompts. `dev` is for choosing (the search), `eval` for the final table."""
-    rng = random.Random(seed)
-    rows, seen = [], set()
-    while len(rows) < n_train + n_eval + n_dev:
-        question, answer = make_example(rng)
-        if question in seen:
-            continue
-        seen.add(question)
-        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-        rows.append({"messages": messages})
+    rows = distinct_rows(make_example, n_train + n_eval + n_dev, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {
         "train": out_dir / "train.jsonl",
