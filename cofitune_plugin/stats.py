@@ -14,9 +14,11 @@ import numpy as np
 
 RESAMPLES = 2000
 LEVEL = 0.95
+_CHUNK = 100  # resamples computed at once: bounds the memory of the fancy-indexed copies
 
-# (seeds, items, columns) -> one float: a metric of a model computed from its per-item columns
-Statistic = Callable[[np.ndarray], float]
+# (..., seeds, items, columns) -> (...): a metric of a model from its per-item columns, over
+# any leading axes (the resamples)
+Statistic = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,38 @@ class Interval:
         return [self.low, self.high]
 
 
+def _three_axes(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=float)
+    return x[..., None] if x.ndim == 2 else x
+
+
+def bootstrap_draws(
+    x: np.ndarray, statistic: Statistic, resamples: int = RESAMPLES, seed: int = 0
+) -> np.ndarray:
+    """`statistic` on `resamples` draws of `x` (seeds, items[, columns]), each draw taking seeds
+    and items with replacement. The draws depend only on `seed` and the shape, so two models
+    with the same seeds and items get the same draws: their draws' differences are a paired
+    bootstrap of the difference."""
+    x = _three_axes(x)
+    seeds, items = x.shape[:2]
+    rng = np.random.default_rng(seed)
+    s = rng.integers(0, seeds, (resamples, seeds))
+    i = rng.integers(0, items, (resamples, items))
+    return np.concatenate(
+        [
+            statistic(x[s[k : k + _CHUNK, :, None], i[k : k + _CHUNK, None, :]])
+            for k in range(0, resamples, _CHUNK)
+        ]
+    )
+
+
+def interval(estimate: float, draws: np.ndarray, level: float = LEVEL) -> Interval:
+    """The percentile interval of `draws` around the measured `estimate`."""
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(draws, [tail, 100 - tail])
+    return Interval(float(estimate), float(low), float(high))
+
+
 def paired_bootstrap(
     a: np.ndarray,
     b: np.ndarray,
@@ -44,28 +78,21 @@ def paired_bootstrap(
     level: float = LEVEL,
     seed: int = 0,
 ) -> Interval:
-    """The interval of statistic(a) - statistic(b), `a` and `b` of shape (seeds, items, ...),
-    paired on both axes: each draw takes seeds and items with replacement, the same for both.
-    One seed gives an interval over items alone."""
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    """The interval of statistic(a) - statistic(b), `a` and `b` of shape (seeds, items[, ...]),
+    paired on both axes: each draw takes the same seeds and items of both. One seed gives an
+    interval over items alone."""
+    a, b = _three_axes(a), _three_axes(b)
     if a.shape[:2] != b.shape[:2]:
         raise ValueError(f"paired data must share seeds and items: {a.shape} vs {b.shape}")
-    seeds, items = a.shape[:2]
-    rng = np.random.default_rng(seed)
-    draws = np.empty(resamples)
-    for k in range(resamples):
-        s = rng.integers(0, seeds, seeds)[:, None]
-        i = rng.integers(0, items, items)[None, :]
-        draws[k] = statistic(a[s, i]) - statistic(b[s, i])
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(draws, [tail, 100 - tail])
-    return Interval(float(statistic(a) - statistic(b)), float(low), float(high))
+    draws = bootstrap_draws(a, statistic, resamples, seed)
+    draws -= bootstrap_draws(b, statistic, resamples, seed)
+    return interval(float(statistic(a) - statistic(b)), draws, level)
 
 
 def mean_of_seeds(per_seed: Callable[[np.ndarray], np.ndarray]) -> Statistic:
     """A row's metric as the benchmark reports it: the mean over seeds of a per-seed value
-    (`per_seed` maps (seeds, items, ...) to (seeds,))."""
-    return lambda x: float(np.mean(per_seed(x)))
+    (`per_seed` maps (..., seeds, items, columns) to (..., seeds))."""
+    return lambda x: np.mean(per_seed(x), axis=-1)
 
 
 def weakly_dominates(differences: Mapping[str, Interval]) -> bool:

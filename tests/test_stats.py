@@ -5,7 +5,7 @@ import pytest
 
 from cofitune_plugin.stats import Interval, mean_of_seeds, paired_bootstrap, weakly_dominates
 
-MEAN = mean_of_seeds(lambda x: x.mean(axis=1))
+MEAN = mean_of_seeds(lambda x: x[..., 0].mean(axis=-1))
 
 
 def test_the_bootstrap_recovers_a_known_difference():
@@ -39,7 +39,7 @@ def test_a_noisy_zero_difference_holds_zero_and_a_ratio_statistic_is_paired_too(
     tokens = rng.integers(5, 30, size=(3, 50, 1)).astype(float)
     tuned = np.concatenate([nll * 1.2 * tokens, tokens], axis=2)
     base = np.concatenate([nll * tokens, tokens], axis=2)
-    per_token = mean_of_seeds(lambda x: x[..., 0].sum(1) / x[..., 1].sum(1))
+    per_token = mean_of_seeds(lambda x: x[..., 0].sum(-1) / x[..., 1].sum(-1))
     interval = paired_bootstrap(tuned, base, per_token)
     assert interval.sign == 1 and interval.low > 0
 
