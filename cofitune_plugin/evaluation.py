@@ -250,8 +250,6 @@ def lm_eval_results(
         name = key.split(",")[0]
         stderr = metrics.get(f"{name}_stderr,none")
         samples = sorted(output["samples"][task], key=lambda sample: sample["doc_id"])
-        # lm-eval numbers the documents it was given 0.. in file order
-        given = sorted(doc_ids[task]) if doc_ids else None
         reported = {k.removesuffix(",none"): v for k, v in metrics.items() if k.endswith(",none")}
         results[task] = TaskResult(
             score=metrics[key],
@@ -261,7 +259,7 @@ def lm_eval_results(
             item_metrics={
                 m: [float(sample[m]) for sample in samples] for m in reported if m in samples[0]
             },
-            doc_ids=[given[s["doc_id"]] if given else s["doc_id"] for s in samples],
+            doc_ids=[sample["doc_id"] for sample in samples],  # the task's own numbering
         )
     return results
 
