@@ -1,8 +1,9 @@
 """The fine-tuning methods the forgetting benchmark compares, each as its users run it.
 
 A method decides what trains: a set of parameters (full fine-tuning, layer freezing, Spectrum,
-HFT, CoFiTune's selections) or LoRA adapters, and with it what the loss sees: Axolotl's EAFT
-loss (`use_eaft`), or general text mixed into the domain's data (replay). CoFiTune's methods go
+HFT, CoFiTune's selections) or LoRA adapters, and with it what the loss sees (Axolotl's EAFT
+loss, `use_eaft`; general text mixed into the domain's data, replay) or how a step moves the
+weights (MoFO, `mofo.py`). CoFiTune's methods go
 through the plugin (its selection, its report and its soft masks); the selections the other
 methods make are written here in a few lines of PyTorch because none of them is an Axolotl
 option. The rates each method runs at are the plan's (`__main__.py`), not the method's.
@@ -47,7 +48,8 @@ class Method:
     "cofitune" (the plugin's selection `layers` x `modules`, with `soft_mask` None, "update" or
     "gradient"). `layers == "search"` takes the selection `axolotl cofitune-search` chose.
     `config`: Axolotl keys the run sets (EAFT's loss). `replay`: the share of the training rows
-    that are general text. `default_recipe`: CoFiTune as the README tells a user to run it.
+    that are general text. `mofo`: trained with MoFO (`mofo.py`) instead of AdamW.
+    `default_recipe`: CoFiTune as the README tells a user to run it.
     """
 
     name: str
@@ -59,6 +61,7 @@ class Method:
     lora: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     replay: float = 0.0
+    mofo: bool = False
     default_recipe: bool = False
 
 
@@ -113,6 +116,13 @@ def all_methods() -> list[Method]:
                 replay=share,
             )
             for share in REPLAY_SHARES
+        ),
+        Method(
+            "mofo",
+            "full",
+            "MoFO: every weight trainable, each step moving the 10% of each tensor's entries "
+            "with the largest Adam momentum",
+            mofo=True,
         ),
         Method("hft", "params", "HFT: a random half of each layer's matrices"),
         Method("spectrum", "params", "Spectrum: top 25% weight SNR per module type"),

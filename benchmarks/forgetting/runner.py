@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from methods import CURVE_OF, Method, all_methods, trainable_names
+from mofo import mofo
 from records import BASE_FILE, key_of, provenance, read_base, run_file, write_record
 
 from cofitune_plugin import evaluation as plugin_evaluation
@@ -58,6 +59,7 @@ class Run:
     # per item: "exact_match" (0/1 per held-out item), "retention" ([NLL sum, tokens] per
     # general prompt), "bench" ({task: {"doc_ids", BENCH_METRIC}})
     items: dict = field(default_factory=dict)
+    selection: dict | None = None  # the search's choice, for CoFiTune's default
 
 
 class MethodRuns:
@@ -157,6 +159,7 @@ class MethodRuns:
             overrides,
             plugin=self.method.kind == "cofitune",
             restore="checkpoint",
+            optimizer=(lambda model: mofo(model, learning_rate)) if self.method.mofo else None,
         )
         common = {
             "method": self.method.name,
