@@ -17,6 +17,7 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:?set OUT to the directory the results go to}
 BUDGET=${BUDGET:-gpu}
 JOBS=${JOBS:-8}   # processes per domain at once; two domains run side by side
+METHODS=${METHODS:-}   # a subset of the methods (names separated by spaces), for a quick check
 mkdir -p "$OUT"
 start=$(date +%s)
 stamp() { echo "$1 $(( $(date +%s) - start )) s" | tee -a "$OUT/timing.txt"; }
@@ -44,6 +45,8 @@ source scripts/offline.env
 PY="$VENV/bin/python"
 COMMON=(--budget "$BUDGET" --records "$OUT/records" --work "$OUT/work" --docs "$OUT/docs"
         --jobs "$JOBS" --per-method)
+# shellcheck disable=SC2206
+[ -n "$METHODS" ] && COMMON+=(--methods $METHODS)
 [ -f demo/smollm2-135m-instruct/config.json ] || "$PY" -m cofitune_plugin.demo --out demo
 stamp "model"
 
