@@ -8,7 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks" / "forgetting"))
 from methods import all_methods  # noqa: E402
 from records import BASE_FILE, key_of, read_runs, run_file, write_record  # noqa: E402
-from summary import summarize  # noqa: E402
+from summary import for_json, markdown, pareto_png, summarize  # noqa: E402
 
 PLAN = {
     "seeds": [0, 1, 2],
@@ -131,3 +131,11 @@ def test_runs_from_separate_sittings_add_up_and_another_plans_are_kept_apart(tmp
     low, high = claim["vers_bench"]
     assert low < 0 < high  # the same benchmark hit rate: a tie
     assert claim["checks"]["vers_retention"] is True
+
+    table = markdown(results)
+    assert "## dates, test split" in table and "## dates, dev split" in table
+    assert "**Claim (dates, test split, seeds [0, 1, 2])**" in table
+    assert "**Picks** (dev, dates): full 2e-05/8e-05." in table
+    pareto_png(results, tmp_path / "pareto.png")
+    assert (tmp_path / "pareto.png").stat().st_size > 0
+    assert "_draws" not in for_json(results)["domains"]["dates"]["test"]["rows"][0]
