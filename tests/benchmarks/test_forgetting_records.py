@@ -114,7 +114,8 @@ def test_runs_from_separate_sittings_add_up_and_another_plans_are_kept_apart(tmp
     assert len(runs) == 6 and other == ["lora@0.0001-seed0.json"]
     assert not list(test.glob("*.partial"))  # written whole
 
-    results = summarize(tmp_path / "cpu", all_methods(), {}, "x", 0.0)
+    machine = {"cpu_count": 2, "processor": "x86_64", "torch": "2.13.0"}
+    results = summarize(tmp_path / "cpu", all_methods(), machine, "x", 0.0)
     stage = results["domains"]["dates"]["test"]
     rows = {row["method"]: row for row in stage["rows"]}
     assert set(rows) == {"full", "cofitune-default"}
