@@ -334,8 +334,8 @@ def test_lm_eval_tasks_show_their_standard_error_and_the_documents_that_flipped(
     base = BaseEval("f", {}, [[1]] * 6, before, "here")
 
     report = compare(base, after, evaluator)
-    interval = report["tasks"]["arc"].pop("change_interval")
-    assert report["tasks"]["arc"] == {
+    interval = report["tasks"]["arc"]["change_interval"]
+    assert {k: v for k, v in report["tasks"]["arc"].items() if k != "change_interval"} == {
         "base": 0.5,
         "tuned": 0.25,
         "change": -0.25,
