@@ -153,7 +153,7 @@ def test_report_figures_equal_a_hand_computation(pair, tmp_path):
     assert [x["index"] for x in flips["speciality"]["right_to_wrong"]] == right_to_wrong
     assert [x["index"] for x in flips["speciality"]["wrong_to_right"]] == wrong_to_right
     forgotten = [i for i in range(6) if b["reproduced"][i] and not t["reproduced"][i]]
-    assert [x["index"] for x in flips["versatility"]["right_to_wrong"]] == forgotten
+    assert [x["index"] for x in flips["versatility"]["changed"]] == forgotten
     assert flips["speciality"]["right_to_wrong"][0]["prompt"]
 
     md = (tmp_path / "cofitune-report.md").read_text()
@@ -374,19 +374,47 @@ def test_lm_eval_tasks_show_their_standard_error_and_the_documents_that_flipped(
     base = BaseEval("f", {}, [[1]] * 6, before, "here")
 
     report = compare(base, after, evaluator)
-    assert report["tasks"]["arc"] == {
+    interval = report["tasks"]["arc"]["change_interval"]
+    assert {k: v for k, v in report["tasks"]["arc"].items() if k != "change_interval"} == {
         "base": 0.5,
         "tuned": 0.25,
         "change": -0.25,
         "base_stderr": 0.25,
         "tuned_stderr": 0.2,
     }
+    assert interval[0] < -0.25 < interval[1]  # paired over the 4 documents: wide, around it
     assert report["flips"]["tasks"]["arc"] == {"right_to_wrong": [0], "wrong_to_right": [2]}
     spec = report["flips"]["speciality"]
     assert [x["index"] for x in spec["right_to_wrong"]] == [2]
     assert [x["index"] for x in spec["wrong_to_right"]] == [1, 3]
-    assert [x["index"] for x in report["flips"]["versatility"]["right_to_wrong"]] == [5]
+    assert [x["index"] for x in report["flips"]["versatility"]["changed"]] == [5]
     assert report["versatility"]["vers"] == pytest.approx((2.0 / 2.5 + 0.25 / 0.5) / 2)
     text = markdown(report, "t", "")
     assert "| lm-eval arc | 0.5000 ± 0.2500 | 0.2500 ± 0.2000 | -0.2500 |" in text
     assert "**lm-eval arc, right to wrong: 1** 0" in text
+    assert "**versatility, changed: 1**" in text
+    assert "arc 0.500 -> 0.250 (-0.250, 95% interval [" in text
+    assert "a reworded answer counts as changed, not as wrong" in text
+
+
+def test_a_reworded_general_answer_is_changed_not_wrong_and_benchmarks_say_what_was_lost(pair):
+    """The issue's case: every general answer reworded (none reproduced word for word) while a
+    benchmark's accuracy rose. The report calls the prompts changed, and its general-ability
+    line, with its interval, is the benchmark's."""
+    from cofitune_plugin.evaluation import TaskResult
+    from cofitune_plugin.train_report import ModelEval, compare, headline
+
+    _, _, _, tokenizer, settings, _ = pair
+    evaluator = Evaluator(tokenizer, settings)
+    before = ModelEval(0.5, 2.0, 1.0, [True] * 6, [True, False, True, False])
+    before.tasks = {"piqa": TaskResult(0.5, 0.1, [1.0, 0.0] * 50)}
+    after = ModelEval(0.75, 2.4, 0.7, [False] * 6, [True, True, True, False])
+    after.tasks = {"piqa": TaskResult(0.6, 0.1, [1.0, 0.0] * 40 + [1.0] * 20)}
+    report = compare(BaseEval("f", {}, [[1]] * 6, before, "here"), after, evaluator)
+    assert "right_to_wrong" not in report["flips"]["versatility"]
+    assert len(report["flips"]["versatility"]["changed"]) == 6
+    low, high = report["tasks"]["piqa"]["change_interval"]
+    assert 0 < low < 0.1 < high  # 10 of 100 documents gained, none lost: surely above 0
+    domain, ability, distance = headline(report)
+    assert ability.startswith("General ability (benchmarks): piqa 0.500 -> 0.600 (+0.100")
+    assert "written word for word 6/6 -> 0/6" in distance
