@@ -10,7 +10,7 @@ source .venv/bin/activate  # `axolotl train` launches `accelerate` from PATH
 python -m cofitune_plugin.demo --out demo
 axolotl cofitune-search recipes/cofitune-smollm2.yml  # resumable; once finished, only reports
 if [ ! -f demo/importance/manifest.json ]; then
-  axolotl cofitune-importance recipes/cofitune-smollm2.yml --max-batches 4
+  axolotl cofitune-importance recipes/cofitune-smollm2.yml  # soft_mask.max_batches: 16
 fi
 axolotl train recipes/cofitune-smollm2.yml
 echo "Search report: $(pwd)/demo/search/report.md"
