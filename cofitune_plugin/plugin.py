@@ -21,7 +21,8 @@ Hooks used, in Axolotl's order:
 - `post_train`: with `cofitune.report`, write the before/after report (train_report.py) once the
   trained model (or LoRA adapter) is saved in `output_dir`, on global rank 0 only. Axolotl calls
   this hook right after training and again after saving: the report reads the saved model, so it
-  runs on the call that finds weights newer than the start of training, once.
+  runs on the call that finds weights newer than the start of training, once. A LoRA training's
+  report runs as `axolotl cofitune-report` in its own process (`_report_in_own_process`).
 - `post_lora_merge` (Axolotl >= 0.21, `axolotl merge-lora`): with `cofitune.report`, write the
   report of the merged model into its directory, beside the model users deploy.
 
@@ -31,11 +32,15 @@ Axolotl 0.21 keeps one plugin instance from one `load_cfg` to the next (0.19 mad
 
 import copy
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from axolotl.utils.dict import DictDefault
 from axolotl.utils.freeze import LayerNamePattern
@@ -207,6 +212,9 @@ class CoFiTunePlugin(BasePlugin):
         ):
             return
         self._reported = True
+        if cfg.adapter != ADAPTER:
+            _report_in_own_process(cfg)
+            return
         from cofitune_plugin.train_report import headline
 
         report, path = write_report(cfg)
@@ -224,6 +232,35 @@ class CoFiTunePlugin(BasePlugin):
 
         report, path = write_report(cfg, Path(output_path))
         LOG.info("cofitune: %s", "\n".join([*headline(report), f"Report: {path}"]))
+
+
+_LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""What a launcher tells its ranks; the report's own process is no rank of the training."""
+
+
+def _report_in_own_process(cfg: DictDefault) -> None:
+    """The report of a LoRA training, written by `axolotl cofitune-report` in a process of its
+    own on the recipe as trained. In the training process Axolotl's LoRA kernels (on by default
+    for LoRA) have replaced the attention classes' forward with one that needs per-layer state
+    only the trained model carries, so the fresh base and merged models the report loads cannot
+    run there."""
+    recipe = yaml.safe_load(Path(cfg.axolotl_config_path).read_text())
+    recipe.update(base_model=str(cfg.base_model), output_dir=str(cfg.output_dir))
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in _LAUNCH_ENV and not key.startswith(("ACCELERATE_", "FSDP_"))
+    }
+    with tempfile.TemporaryDirectory(prefix="cofitune-report-") as directory:
+        trained = Path(directory) / "recipe.yml"
+        trained.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        command = [sys.executable, "-m", "axolotl.cli.main", "cofitune-report", str(trained)]
+        if subprocess.run(command, env=env).returncode != 0:
+            raise RecipeError(
+                f"cofitune.report: the report on the trained adapter in {cfg.output_dir} failed "
+                "(its error is above); the adapter is saved: run `axolotl cofitune-report` on "
+                "this recipe to write the report"
+            )
 
 
 def _saved_since(output_dir: Path, since: float | None) -> bool:
