@@ -203,7 +203,7 @@ def test_trials_launched_on_two_processes_record_the_in_process_scores(
     order, scores within float rounding of the in-process ones, the same chosen selection."""
     config = search_recipe(tmp_path / engine, tiny_models["llama"], engine, trials="auto")
     output = finish(start_search(config, engine), config)
-    launcher = "deepspeed" if engine == "zero3" else "fsdp_version"
+    launcher = "deepspeed" if engine == "zero3" else "fsdp_config"
     assert f"auto: the recipe's `{launcher}` launcher needs a launch per trial" in output
     for window in WINDOWS:
         log = tmp_path / engine / "search" / TRIALS_DIR / f"layers_{window}_modules_ffn" / LOG_FILE
