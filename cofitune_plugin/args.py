@@ -1,6 +1,5 @@
 """The `cofitune:` block of an Axolotl recipe, and the recipe-level rules around it."""
 
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -13,6 +12,13 @@ from pydantic import (
     field_validator,
 )
 
+from cofitune_plugin.datafiles import check_data_files
+from cofitune_plugin.eval_schema import (
+    EvalSettings,
+    RecipeError,
+    SpecialityConfig,
+    VersatilityConfig,
+)
 from cofitune_plugin.importance import DEFAULT_BATCHES, DEFAULT_ESTIMATOR, Estimator
 
 ADAPTER = "cofitune"
@@ -22,6 +28,8 @@ _TRIAL_FORBIDDEN = ("adapter", "base_model", "cofitune", "plugins", "unfrozen_pa
 LORA_ADAPTERS = {"cofitune-lora": "lora", "cofitune-qlora": "qlora"}
 """Recipe adapter name -> the Axolotl adapter the plugin hands over to (see `check_recipe`)."""
 ADAPTERS = (ADAPTER, *LORA_ADAPTERS)
+LAUNCHER_KEYS = ("deepspeed", "fsdp", "fsdp_config", "fsdp_version")
+"""Recipe keys that choose a sharding launcher (DeepSpeed, FSDP)."""
 
 # Keys that choose where LoRA adapters go: in a cofitune-lora/-qlora recipe the selection does.
 _LORA_TARGET_KEYS = (
@@ -34,10 +42,6 @@ _LORA_TARGET_KEYS = (
     "peft_layers_pattern",
     "peft_trainable_token_indices",
 )
-
-
-class RecipeError(ValueError):
-    """A recipe CoFiTune cannot run; the message names the key and the fix."""
 
 
 class SoftMaskConfig(BaseModel):
@@ -107,67 +111,6 @@ def default_levels() -> list[SearchLevel]:
     ]
 
 
-class SpecialityConfig(BaseModel):
-    """How a trial's domain skill is scored, on held-out JSONL (`messages`, or `prompt` and
-    `answer` fields). A reference is a bare answer ("960", "1,200", "12.5", "Paris"), a worked
-    solution containing the answer pattern, or a last assistant message holding either."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    data: str = Field(description="Held-out domain data, JSONL.")
-    metric: Literal["exact_match", "loss"] = Field(
-        default="exact_match",
-        description="`exact_match` of the answer `answer_regex` extracts from a greedy "
-        "generation, or `loss`: the mean NLL of the reference answers.",
-    )
-    answer_regex: str = Field(
-        default=r"####\s*(-?[\d,]*\.?\d+)",
-        description="Extracts the final answer (its first group, last match) from each "
-        "prediction; GSM8K's `#### N` by default. A reference it matches gives its answer the "
-        "same way; a reference it does not match (a bare answer) is taken whole. Both sides are "
-        "normalised alike: numbers as numbers ('1,200' = '1200.0'), text without case or "
-        "surrounding space.",
-    )
-    max_new_tokens: int = Field(default=256, ge=1)
-    limit: int | None = Field(default=None, ge=1, description="Score only the first N examples.")
-
-    @field_validator("answer_regex")
-    @classmethod
-    def _one_group(cls, value: str) -> str:
-        try:
-            groups = re.compile(value).groups
-        except re.error as exc:
-            raise ValueError(f"not a regular expression ({exc})") from None
-        if groups < 1:
-            raise ValueError("needs a capture group around the answer, e.g. '####\\s*(\\S+)'")
-        return value
-
-
-class LmEvalConfig(BaseModel):
-    """lm-evaluation-harness tasks scored on every trial, as a ratio to the base model."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    tasks: list[str] = Field(min_length=1, description="Task names, e.g. [arc_easy, mmlu].")
-    include_path: str | None = Field(
-        default=None, description="A directory of your own task YAMLs (local data)."
-    )
-    limit: int | None = Field(default=None, ge=1, description="Examples per task.")
-
-
-class VersatilityConfig(BaseModel):
-    """Retention of the base model's behaviour on general prompts (JSONL, `prompt` or
-    `messages` fields): the NLL of the base model's own greedy answers under the trial's model;
-    optionally lm-evaluation-harness tasks too."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompts: str = Field(description="General prompts, JSONL.")
-    max_new_tokens: int = Field(default=128, ge=1)
-    limit: int | None = Field(default=None, ge=1, description="Use only the first N prompts.")
-    lm_eval: LmEvalConfig | None = None
-
-
 class SearchWeights(BaseModel):
     """Uni = speciality * Spec + versatility * Vers. Speciality counts twice by default: trials
     are short, and a short trial understates how far a selection falls behind in the domain
@@ -202,6 +145,41 @@ class SearchConfig(BaseModel):
     versatility: VersatilityConfig
     weights: SearchWeights = Field(default_factory=SearchWeights)
     eval_batch_size: int = Field(default=8, ge=1)
+    trials: Literal["auto", "in_process", "launch"] = Field(
+        default="auto",
+        description="`in_process`: every trial in the search's own process (the model and data "
+        "load once); `launch`: each trial an `accelerate launch` of Axolotl's training with the "
+        "recipe's launcher, its own log and scores file; `auto`: in process where a trial runs "
+        "on one process without a `deepspeed`/`fsdp` launcher, one at a time, else launched.",
+    )
+    gpus_per_trial: int | None = Field(
+        default=None,
+        ge=1,
+        description="Launched trials on GPUs: the visible GPUs split into groups of this size "
+        "(CUDA_VISIBLE_DEVICES), one trial per group at once, level by level. Default: every "
+        "visible GPU, one trial at a time.",
+    )
+    cpu_processes_per_trial: int = Field(
+        default=1, ge=1, description="Without a GPU: the processes (gloo ranks) of a trial."
+    )
+    cpu_trials_at_once: int = Field(
+        default=1, ge=1, description="Without a GPU: how many launched trials run at once."
+    )
+    device_memory_gib: float | None = Field(
+        default=None,
+        gt=0,
+        description="Memory per device a candidate's estimated peak (`axolotl cofitune-plan`'s "
+        "model) must fit, else it is skipped before it starts. Default: the smallest visible "
+        "GPU's; none on a CPU.",
+    )
+
+    def eval_settings(self) -> EvalSettings:
+        """What every trial is scored on."""
+        return EvalSettings(
+            speciality=self.speciality,
+            versatility=self.versatility,
+            eval_batch_size=self.eval_batch_size,
+        )
 
     @field_validator("levels")
     @classmethod
@@ -242,14 +220,6 @@ class ReportConfig(BaseModel):
     speciality: SpecialityConfig | None = None
     versatility: VersatilityConfig | None = None
     eval_batch_size: int | None = Field(default=None, ge=1)
-
-
-class EvalSettings(BaseModel):
-    """What a report or the dial scores a model on: a `report` block completed by `search`."""
-
-    speciality: SpecialityConfig
-    versatility: VersatilityConfig
-    eval_batch_size: int
 
 
 class CoFiTuneConfig(BaseModel):
@@ -326,6 +296,13 @@ def check_recipe(cfg: Mapping[str, Any]) -> CoFiTuneConfig | None:
             "`unfrozen_parameters` and `cofitune:` both choose what trains; remove "
             "`unfrozen_parameters` and express the selection in `cofitune.layers`/`modules`"
         )
+    spectrum = [p for p in cfg.get("plugins") or [] if "SpectrumPlugin" in str(p)]
+    if spectrum:
+        raise RecipeError(
+            f"plugins: {spectrum[0]} (Spectrum) and `cofitune:` both choose what trains (each "
+            "writes `unfrozen_parameters`, and the later one would silently win); remove the "
+            "Spectrum plugin, or the `cofitune:` block and `adapter`"
+        )
     if adapter in LORA_ADAPTERS:
         _check_lora_recipe(cfg, adapter)
     elif cfg.get("load_in_4bit"):
@@ -351,12 +328,6 @@ def check_recipe(cfg: Mapping[str, Any]) -> CoFiTuneConfig | None:
             "cofitune: FSDP1 flattens frozen and trained weights together; set `fsdp_version: 2`"
         )
     if config.report is not None:
-        if adapter in LORA_ADAPTERS:
-            raise RecipeError(
-                f"cofitune.report: not supported with adapter: {adapter} yet (the report and "
-                "the dial read full-weight selections); remove `report`, or train with "
-                f"`adapter: {ADAPTER}`"
-            )
         eval_settings(config)
     return config
 
@@ -379,8 +350,6 @@ def eval_settings(config: CoFiTuneConfig) -> EvalSettings:
     )
     # Read and check the files now, before any model loads (the search prints the warnings
     # about references no prediction can match; the report runs on the same data).
-    from cofitune_plugin.datafiles import check_data_files  # datafiles imports this module
-
     block = "cofitune.report" if report.speciality or report.versatility else "cofitune.search"
     check_data_files(settings, block)
     return settings
@@ -395,7 +364,9 @@ def _check_lora_recipe(cfg: Mapping[str, Any], adapter: str) -> None:
                 "`cofitune.modules`"
             )
     quantized = bool(cfg.get("load_in_4bit"))
-    if adapter == "cofitune-qlora" and not quantized:
+    # `axolotl merge-lora` loads the recipe again with `load_in_4bit: false, merge_lora: true`
+    # to merge into the unquantized base.
+    if adapter == "cofitune-qlora" and not quantized and not cfg.get("merge_lora"):
         raise RecipeError("adapter: cofitune-qlora needs `load_in_4bit: true`")
     if adapter == "cofitune-lora" and quantized:
         raise RecipeError(

@@ -11,18 +11,40 @@
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import yaml
 
 from cofitune_plugin.plugin import LOG, importance_dirs
 
-UNSHARDED_KEYS = ("deepspeed", "fsdp", "fsdp_config", "fsdp_version")
-"""Recipe keys `cofitune-importance` clears: it runs the whole model (see `importance`)."""
+
+class RecipeParam(click.ParamType):
+    """CONFIG wherever `axolotl train` takes it: a YAML file, a directory holding one, or an
+    https URL, made a local file by Axolotl's own loader (`check_remote_config`,
+    `choose_config`), so the commands and `axolotl train` read the same recipe."""
+
+    name = "recipe"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from axolotl.cli.config import check_remote_config, choose_config
+
+        try:
+            path = Path(check_remote_config(value))
+            if path.is_dir():
+                path = Path(choose_config(path))
+        except (RuntimeError, ValueError) as exc:  # the download or its YAML failed
+            self.fail(f"{value}: {exc}", param, ctx)
+        if not path.is_file():
+            self.fail(f"{value}: no such file, directory with a recipe, or https URL", param, ctx)
+        return str(path)
+
+
+RECIPE = RecipeParam()
 
 
 @click.command("cofitune-importance")
-@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.argument("config", type=RECIPE)
 @click.option(
     "--output",
     type=click.Path(file_okay=False, path_type=Path),
@@ -47,7 +69,7 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
     from axolotl.train import setup_model_and_trainer
 
     from cofitune_plugin.architectures import architecture_for
-    from cofitune_plugin.args import RecipeError, check_recipe
+    from cofitune_plugin.args import LAUNCHER_KEYS, RecipeError, check_recipe
     from cofitune_plugin.importance import batch_share, compute_importance, global_batches
     from cofitune_plugin.importance_store import (
         MANIFEST_FILE,
@@ -80,7 +102,7 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
         "cofitune__from_search": None,  # importance covers every layer, whatever is chosen
         "sample_packing": False,
         "gradient_checkpointing_kwargs__use_reentrant": False,
-        **dict.fromkeys(UNSHARDED_KEYS),
+        **dict.fromkeys(LAUNCHER_KEYS),  # importance runs the whole model
     }
     if soft_mask.datasets:
         overrides["datasets"] = soft_mask.datasets
@@ -144,19 +166,21 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
 
 
 @click.command("cofitune-search")
-@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.argument("config", type=RECIPE)
 def search(config: str) -> None:
     """Run CONFIG's `cofitune.search` tree: a short fine-tune per candidate selection, each
     scored on speciality and versatility. Writes trials.jsonl (resumable), chosen.yml (read by
     `cofitune.from_search`), report.md and pareto.png to the search's output_dir."""
     from cofitune_plugin.search_run import search_command
 
-    _refuse_several_processes("cofitune-search", "runs its trials in one process")
+    _refuse_several_processes(
+        "cofitune-search", "is one process that keeps the records (it launches its own trials)"
+    )
     click.echo(search_command(config))
 
 
 @click.command("cofitune-report")
-@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.argument("config", type=RECIPE)
 def report(config: str) -> None:
     """Compare CONFIG's trained model (in its output_dir) with its base model on the
     `cofitune.report` data (default: the search's): writes cofitune-report.json and .md to the
@@ -172,7 +196,7 @@ def report(config: str) -> None:
 
 
 @click.command("cofitune-dial")
-@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.argument("config", type=RECIPE)
 @click.option(
     "--grid",
     default="0,0.25,0.5,0.75,1",
@@ -226,23 +250,18 @@ def _refuse_several_processes(command: str, why: str) -> None:
 
 def _check_report_recipe(config: str) -> None:
     """Refuse, before any model loads, a recipe the report cannot read."""
-    from cofitune_plugin.args import LORA_ADAPTERS, RecipeError, check_recipe, eval_settings
+    from cofitune_plugin.args import RecipeError, check_recipe, eval_settings
 
     raw = yaml.safe_load(Path(config).read_text())
     recipe = check_recipe(raw)
     if recipe is None:
         raise RecipeError(f"{config}: no `cofitune:` block; the report compares a CoFiTune model")
-    if raw["adapter"] in LORA_ADAPTERS:
-        raise RecipeError(
-            f"adapter: {raw['adapter']}: the report and the dial read full-weight selections "
-            "(`adapter: cofitune`); LoRA recipes are not supported yet"
-        )
     if recipe.report is None:  # check_recipe checks a `report` block; the search may stand in
         eval_settings(recipe)
 
 
 @click.command("cofitune-plan")
-@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.argument("config", type=RECIPE)
 @click.option("--gpus", type=int, default=1, show_default=True, help="GPUs the run uses.")
 @click.option("--gpu-memory", type=float, default=None, help="GiB per GPU: says if it fits.")
 @click.option(

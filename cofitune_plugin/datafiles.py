@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cofitune_plugin.answers import can_extract
-from cofitune_plugin.args import RecipeError, SpecialityConfig, VersatilityConfig
+from cofitune_plugin.eval_schema import RecipeError, SpecialityConfig, VersatilityConfig
 
 _ROW_FORMS = (
     '{"prompt": "...", "answer": "960"} or {"messages": [{"role": "user", "content": "..."}, '

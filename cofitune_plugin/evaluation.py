@@ -214,6 +214,10 @@ class TaskResult:
     items: list[float]
     # Every metric lm-eval reports, `,none` dropped: acc, acc_stderr, acc_norm, acc_norm_stderr.
     metrics: dict[str, float] = field(default_factory=dict)
+    # Every per-document metric (acc, acc_norm) in document order, for paired comparisons of
+    # whichever metric a reader reports; `doc_ids` are the documents scored, in that order.
+    item_metrics: dict[str, list[float]] = field(default_factory=dict)
+    doc_ids: list[int] = field(default_factory=list)
 
 
 def lm_eval_results(
@@ -223,9 +227,11 @@ def lm_eval_results(
     include_path: str | None,
     limit: int | None,
     batch_size: int,
+    doc_ids: dict[str, list[int]] | None = None,
 ) -> dict[str, TaskResult]:
     """Each task's result from lm-eval's own runner on the model in memory, with its
-    per-document samples (`log_samples`) so that item flips can be listed."""
+    per-document samples (`log_samples`) so that item flips can be listed. `doc_ids` (instead
+    of `limit`) scores only those documents of each task: a split that choices never read."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -234,6 +240,7 @@ def lm_eval_results(
         tasks=tasks,
         task_manager=lm_eval_tasks(include_path),
         limit=limit,
+        samples=doc_ids,
         log_samples=True,
     )
     results = {}
@@ -243,11 +250,16 @@ def lm_eval_results(
         name = key.split(",")[0]
         stderr = metrics.get(f"{name}_stderr,none")
         samples = sorted(output["samples"][task], key=lambda sample: sample["doc_id"])
+        reported = {k.removesuffix(",none"): v for k, v in metrics.items() if k.endswith(",none")}
         results[task] = TaskResult(
             score=metrics[key],
             stderr=stderr if isinstance(stderr, float) else None,
             items=[float(sample[name]) for sample in samples],
-            metrics={k.removesuffix(",none"): v for k, v in metrics.items() if k.endswith(",none")},
+            metrics=reported,
+            item_metrics={
+                m: [float(sample[m]) for sample in samples] for m in reported if m in samples[0]
+            },
+            doc_ids=[sample["doc_id"] for sample in samples],  # the task's own numbering
         )
     return results
 

@@ -19,18 +19,28 @@ Hooks used, in Axolotl's order:
   exactly the selection (or its adapters) trains, print the trainable-parameter report, and attach
   the soft masks (`cofitune.soft_mask`), to the base rows or to each adapter's `lora_B` rows.
 - `post_train`: with `cofitune.report`, write the before/after report (train_report.py) once the
-  trained model is saved in `output_dir`, on global rank 0 only. Axolotl calls this hook right
-  after training and again after saving: the report reads the saved model, so it runs on the call
-  that finds weights newer than the start of training, once.
+  trained model (or LoRA adapter) is saved in `output_dir`, on global rank 0 only. Axolotl calls
+  this hook right after training and again after saving: the report reads the saved model, so it
+  runs on the call that finds weights newer than the start of training, once. A LoRA training's
+  report runs as `axolotl cofitune-report` in its own process (`_report_in_own_process`).
+- `post_lora_merge` (Axolotl >= 0.21, `axolotl merge-lora`): with `cofitune.report`, write the
+  report of the merged model into its directory, beside the model users deploy.
+
+Axolotl 0.21 keeps one plugin instance from one `load_cfg` to the next (0.19 made a new one), so
+`register`, the first hook of every training, resets what the instance remembers of the last one.
 """
 
 import copy
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from axolotl.utils.dict import DictDefault
 from axolotl.utils.freeze import LayerNamePattern
@@ -83,6 +93,9 @@ class CoFiTunePlugin(BasePlugin):
         return [AdapterCapabilities(name=ADAPTER, lora_like=False, relora=False)]
 
     def register(self, cfg: dict) -> None:
+        # A new training (or command) starts: forget the previous one's, under Axolotl 0.21.
+        self._trainer_created = None
+        self._reported = False
         self._registered = (
             cfg,
             {key: copy.deepcopy(cfg[key]) if key in cfg else _ABSENT for key in REWRITTEN_KEYS},
@@ -199,10 +212,55 @@ class CoFiTunePlugin(BasePlugin):
         ):
             return
         self._reported = True
+        if cfg.adapter != ADAPTER:
+            _report_in_own_process(cfg)
+            return
         from cofitune_plugin.train_report import headline
 
         report, path = write_report(cfg)
         LOG.info("cofitune: %s", "\n".join([*headline(report), f"Report: {path}"]))
+
+    def post_lora_merge(self, cfg: DictDefault, adapter_path: str, output_path: str) -> None:
+        """Axolotl >= 0.21, after `axolotl merge-lora` saved the merged model: its report, in
+        `output_path` (the merged weights are what users deploy; 0.19 has no such hook, and the
+        report after training merges the adapter in memory instead)."""
+        if cfg.cofitune is None or cfg.cofitune.get("report") is None:
+            return
+        if os.environ.get("RANK", "0") != "0":
+            return
+        from cofitune_plugin.train_report import headline
+
+        report, path = write_report(cfg, Path(output_path))
+        LOG.info("cofitune: %s", "\n".join([*headline(report), f"Report: {path}"]))
+
+
+_LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""What a launcher tells its ranks; the report's own process is no rank of the training."""
+
+
+def _report_in_own_process(cfg: DictDefault) -> None:
+    """The report of a LoRA training, written by `axolotl cofitune-report` in a process of its
+    own on the recipe as trained. In the training process Axolotl's LoRA kernels (on by default
+    for LoRA) have replaced the attention classes' forward with one that needs per-layer state
+    only the trained model carries, so the fresh base and merged models the report loads cannot
+    run there."""
+    recipe = yaml.safe_load(Path(cfg.axolotl_config_path).read_text())
+    recipe.update(base_model=str(cfg.base_model), output_dir=str(cfg.output_dir))
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in _LAUNCH_ENV and not key.startswith(("ACCELERATE_", "FSDP_"))
+    }
+    with tempfile.TemporaryDirectory(prefix="cofitune-report-") as directory:
+        trained = Path(directory) / "recipe.yml"
+        trained.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        command = [sys.executable, "-m", "axolotl.cli.main", "cofitune-report", str(trained)]
+        if subprocess.run(command, env=env).returncode != 0:
+            raise RecipeError(
+                f"cofitune.report: the report on the trained adapter in {cfg.output_dir} failed "
+                "(its error is above); the adapter is saved: run `axolotl cofitune-report` on "
+                "this recipe to write the report"
+            )
 
 
 def _saved_since(output_dir: Path, since: float | None) -> bool:
@@ -212,11 +270,14 @@ def _saved_since(output_dir: Path, since: float | None) -> bool:
     return bool(saved) and since is not None and max(saved) >= since
 
 
-def load_trained(cfg: DictDefault):
+def load_trained(cfg: DictDefault, model_dir: Path | None = None):
     """What the report and the dial need from a recipe whose model was trained: the tuned model
-    from `output_dir` (on the accelerator when there is one), the base's values of the selected
-    parameters, an evaluator on the report's data, and the selection's table. Refuses a model
-    that is not the recipe's base plus a change of the selection (see `dial.check_same_base`)."""
+    from `model_dir` (default `output_dir`; on the accelerator when there is one), the base's
+    values of the selected parameters, an evaluator on the report's data, and the selection's
+    table. A `cofitune-lora`/`-qlora` run's adapter is merged into the base in memory: the
+    merged weights differ from the base in the selected modules only, so the report and the dial
+    read them as a full-weight selection. Refuses a model that is not the recipe's base plus a
+    change of the selection (see `dial.check_same_base`)."""
     from axolotl.loaders import load_tokenizer
 
     from cofitune_plugin.args import eval_settings
@@ -225,20 +286,38 @@ def load_trained(cfg: DictDefault):
 
     config = CoFiTuneConfig.model_validate(cfg.cofitune)
     settings = eval_settings(config)
-    output_dir = Path(cfg.output_dir)
-    if not (output_dir / "config.json").is_file():
+    output_dir = model_dir or Path(cfg.output_dir)
+    lora = cfg.adapter != ADAPTER  # lora/qlora, handed over by `register`
+    adapter = lora and (output_dir / "adapter_config.json").is_file()
+    if not adapter and not (output_dir / "config.json").is_file():
         raise RecipeError(
-            f"output_dir: no trained model in {output_dir}; run `axolotl train` on this recipe "
-            "first (the report compares that model with `base_model`)"
+            f"output_dir: no trained {'adapter' if lora else 'model'} in {output_dir}; run "
+            "`axolotl train` on this recipe first (the report compares that model with "
+            "`base_model`)"
         )
     evaluator = Evaluator(load_tokenizer(cfg), settings)
     _, meta_model = meta_model_of(cfg)
     selection = select(meta_model, config.layers, config.modules)
     remote = bool(cfg.trust_remote_code)
-    tuned = AutoModelForCausalLM.from_pretrained(output_dir, dtype="auto", trust_remote_code=remote)
-    base = AutoModelForCausalLM.from_pretrained(
-        cfg.base_model, dtype=tuned.dtype, trust_remote_code=remote
-    )
+    if adapter:
+        from peft import PeftModel
+
+        # The unquantized base: with cofitune-qlora the adapter trained beside 4-bit weights
+        # and is merged, as `axolotl merge-lora` does, into the full-precision ones.
+        base = AutoModelForCausalLM.from_pretrained(
+            cfg.base_model, dtype="auto", trust_remote_code=remote
+        )
+        tuned = AutoModelForCausalLM.from_pretrained(
+            cfg.base_model, dtype=base.dtype, trust_remote_code=remote
+        )
+        tuned = PeftModel.from_pretrained(tuned, output_dir).merge_and_unload()
+    else:
+        tuned = AutoModelForCausalLM.from_pretrained(
+            output_dir, dtype="auto", trust_remote_code=remote
+        )
+        base = AutoModelForCausalLM.from_pretrained(
+            cfg.base_model, dtype=tuned.dtype, trust_remote_code=remote
+        )
     try:
         check_same_base(base, tuned, selection.parameters)
     except DialError as exc:
@@ -262,11 +341,12 @@ def load_trained(cfg: DictDefault):
     )
 
 
-def write_report(cfg: DictDefault) -> tuple[dict, Path]:
-    """`cofitune-report.json` and `.md` in `output_dir`; returns the report and the .md path."""
+def write_report(cfg: DictDefault, model_dir: Path | None = None) -> tuple[dict, Path]:
+    """`cofitune-report.json` and `.md` in `model_dir` (default `output_dir`), on the model
+    there; returns the report and the .md path."""
     from cofitune_plugin.train_report import REPORT_MD, report_on
 
-    trained = load_trained(cfg)
+    trained = load_trained(cfg, model_dir)
     return report_on(trained, str(cfg.base_model)), trained.output_dir / REPORT_MD
 
 

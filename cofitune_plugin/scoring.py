@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from cofitune_plugin.args import EvalSettings
+from cofitune_plugin.eval_schema import EvalSettings
 from cofitune_plugin.evaluation import (
     TaskResult,
     answer_scores,
@@ -41,6 +41,15 @@ class ModelEval:
     def task_scores(self) -> dict[str, float]:
         """Each lm-eval task's score, as trial records and dial points keep them."""
         return {task: result.score for task, result in self.tasks.items()}
+
+    def trial_measures(self) -> dict[str, Any]:
+        """What a search trial's record keeps of these scores."""
+        return {
+            "speciality": self.speciality,
+            "retention_nll": self.retention_nll,
+            "agreement": self.agreement,
+            "tasks": self.task_scores(),
+        }
 
 
 class Evaluator:

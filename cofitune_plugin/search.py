@@ -18,6 +18,7 @@ Pure Python: the caller supplies `resolve` (spec -> trained layers and parameter
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,9 @@ TRIALS_FILE = "trials.jsonl"
 HEADER_FILE = "search.json"
 BASE_FILE = "base.json"
 CHOSEN_FILE = "chosen.yml"
+HOST_PACKAGES = ("axolotl", "transformers", "peft")
+"""The packages a trial's numbers depend on across the supported Axolotl range (0.21 seeds LoRA
+and changes checkpointing defaults; each Axolotl pins its transformers and peft)."""
 
 Window = str | int | list[int]
 
@@ -69,6 +73,34 @@ class TrialRecord:
     train_seconds: float
     eval_seconds: float
     tasks: dict[str, float] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)  # HOST_PACKAGES' when measured
+    # Why the trial produced no scores (exit status and its log's tail); its measures are 0 and
+    # it is never scored. Kept, not run again: delete its line to retry it.
+    failed: str | None = None
+
+    @classmethod
+    def of(cls, candidate: Candidate, **measures: Any) -> "TrialRecord":
+        """The record of `candidate` with what its trial measured (or `failed`), under this
+        environment's host versions unless `measures` names them."""
+        measures.setdefault("versions", host_versions())
+        return cls(
+            key=candidate.key,
+            window=candidate.window,
+            modules=candidate.modules,
+            layers=list(candidate.layers),
+            trainable=candidate.trainable,
+            **measures,
+        )
+
+    @classmethod
+    def failure(cls, candidate: Candidate, why: str) -> "TrialRecord":
+        zero = dict.fromkeys(("speciality", "retention_nll", "agreement"), 0.0)
+        return cls.of(candidate, **zero, train_seconds=0.0, eval_seconds=0.0, failed=why)
+
+
+def host_versions() -> dict[str, str]:
+    """The installed versions of HOST_PACKAGES, as trial records keep them."""
+    return {name: version(name) for name in HOST_PACKAGES}
 
 
 @dataclass
@@ -93,10 +125,12 @@ class Score:
 
 @dataclass
 class SearchResult:
-    visited: list[TrialRecord]
+    visited: list[TrialRecord]  # the trials that produced scores
     scores: dict[str, Score]
     chosen: TrialRecord
     capped: bool = False
+    failed: list[TrialRecord] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # key -> why it was not started
 
 
 def window_label(window: Window) -> str:
@@ -209,41 +243,76 @@ def _best(trials: list[TrialRecord], scores: dict[str, Score]) -> TrialRecord:
 def run_search(
     levels: list[SearchLevel],
     resolve: Resolve,
-    run_trial: Callable[[Candidate], TrialRecord],
+    run_trials: Callable[[list[Candidate]], list[TrialRecord]],
     records: dict[str, TrialRecord],
     base: Callable[[], BaseRecord],
     metric: str,
     weights: SearchWeights,
     max_trials: int | None = None,
+    refuse: Callable[[Candidate], str | None] = lambda candidate: None,
 ) -> SearchResult:
-    """Walk the tree, reusing `records` and calling `run_trial` only for unseen candidates.
+    """Walk the tree, reusing `records` and handing each level's unseen candidates to
+    `run_trials` at once (which may run them side by side; it returns their records in the
+    order given). `refuse` names why a candidate may not start (it would not fit in memory):
+    such a candidate is skipped, as is a failed trial when the level's winner is chosen.
 
     Each level's winner is judged with the scores normalised over the trials visited up to
-    that level, which depends only on the records, so a resumed search takes the same path.
+    that level, which depends only on the records, so a resumed search takes the same path,
+    however many trials ran at once.
     """
     visited: dict[str, TrialRecord] = {}
+    skipped: dict[str, str] = {}
     winner: Candidate | None = None
     chosen: TrialRecord | None = None
     capped = False
     for level in levels:
-        candidates = level_candidates(level, winner, resolve)
-        level_trials: list[tuple[Candidate, TrialRecord]] = []
-        for candidate in candidates:
-            if candidate.key not in visited:
-                if max_trials is not None and len(visited) >= max_trials:
+        reached: list[Candidate] = []
+        for candidate in level_candidates(level, winner, resolve):
+            if candidate.key in skipped:
+                continue
+            if candidate.key not in visited and candidate.key not in (c.key for c in reached):
+                if (why := refuse(candidate)) is not None:
+                    skipped[candidate.key] = why
+                    continue
+                new = sum(c.key not in visited for c in reached)
+                if max_trials is not None and len(visited) + new >= max_trials:
                     capped = True
                     break
-                visited[candidate.key] = records.get(candidate.key) or run_trial(candidate)
-            level_trials.append((candidate, visited[candidate.key]))
+            reached.append(candidate)
+        unseen = [c for c in reached if c.key not in visited and c.key not in records]
+        ran = {c.key: t for c, t in zip(unseen, run_trials(unseen) if unseen else [])}
+        for candidate in reached:
+            if candidate.key not in visited:
+                visited[candidate.key] = records.get(candidate.key) or ran[candidate.key]
+        level_trials = [(c, visited[c.key]) for c in reached if not visited[c.key].failed]
         if not level_trials:
             break
-        scores = score_trials(list(visited.values()), base(), metric, weights)
+        scores = score_trials(_scored(visited), base(), metric, weights)
         chosen = _best([t for _, t in level_trials], scores)
         winner = next(c for c, t in level_trials if t is chosen)
         if capped:
             break
-    trials = list(visited.values())
-    return SearchResult(trials, score_trials(trials, base(), metric, weights), chosen, capped)
+    if chosen is None:
+        failed = [t.key for t in visited.values() if t.failed]
+        raise SearchError(
+            "cofitune.search: no trial of the first level produced scores ("
+            + (f"failed: {failed}; " if failed else "")
+            + (f"skipped: {skipped}" if skipped else "")
+            + "); see the trials' logs in the search's output_dir"
+        )
+    trials = _scored(visited)
+    return SearchResult(
+        trials,
+        score_trials(trials, base(), metric, weights),
+        chosen,
+        capped,
+        failed=[t for t in visited.values() if t.failed],
+        skipped=skipped,
+    )
+
+
+def _scored(visited: dict[str, TrialRecord]) -> list[TrialRecord]:
+    return [t for t in visited.values() if not t.failed]
 
 
 class SearchRecords:
@@ -274,6 +343,20 @@ class SearchRecords:
                 + "). Point `cofitune.search.output_dir` at a new directory, or move that one "
                 "away to start over; its records are left untouched."
             )
+
+    def check_versions(self, current: dict[str, str]) -> None:
+        """Refuse to add trials measured under `current` versions to trials measured under
+        others: their scores are not comparable (the search ranks them against each other)."""
+        for record in self.trials().values():
+            if record.versions != current:
+                recorded = _versions_label(record.versions) or "versions not recorded"
+                raise SearchError(
+                    f"{self.trials_path}: trial {record.key} was measured under {recorded}, "
+                    f"this environment has {_versions_label(current)}; trials measured under "
+                    "different versions do not compare. Point `cofitune.search.output_dir` at a "
+                    "new directory (or move this one away) to search again here, or run the "
+                    "search in the environment that made these records."
+                )
 
     def trials(self) -> dict[str, TrialRecord]:
         try:
@@ -317,6 +400,10 @@ def read_chosen(directory: Path) -> dict[str, str]:
         )
     chosen = yaml.safe_load(path.read_text())
     return {"layers": chosen["layers"], "modules": chosen["modules"]}
+
+
+def _versions_label(versions: dict[str, str]) -> str:
+    return ", ".join(f"{name} {number}" for name, number in sorted(versions.items()))
 
 
 def _write_atomic(path: Path, text: str) -> None:

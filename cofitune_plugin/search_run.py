@@ -1,16 +1,27 @@
-"""`axolotl cofitune-search` in this process: the recipe's checks, the trials (each a run of the
-training session, scored by the report's own evaluator), and the files the search writes
-(trials.jsonl, chosen.yml, report.md, pareto.png)."""
+"""`axolotl cofitune-search`: the recipe's checks (the memory of every first-level candidate
+among them, before anything loads), the trials (in this process, each a run of the training
+session scored by the report's own evaluator, or each its own launch: trial_launch.py), and the
+files the search writes (trials.jsonl, chosen.yml, report.md, pareto.png)."""
 
+import gc
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from cofitune_plugin.args import ADAPTER, RecipeError, check_recipe, check_search_recipe
+from cofitune_plugin.args import (
+    ADAPTER,
+    LAUNCHER_KEYS,
+    RecipeError,
+    check_recipe,
+    check_search_recipe,
+)
 from cofitune_plugin.datafiles import check_data_files
+from cofitune_plugin.memory_plan import GIB, model_shape, plan_memory, recipe_setup
 from cofitune_plugin.plugin import LOG, meta_model_of
 from cofitune_plugin.report import markdown_table, pareto_plot, versus_paper_default
 from cofitune_plugin.search import (
@@ -20,14 +31,36 @@ from cofitune_plugin.search import (
     SearchRecords,
     TrialRecord,
     check_levels,
+    host_versions,
+    level_candidates,
     paper_default,
     run_search,
     write_chosen,
 )
 from cofitune_plugin.selection import select
+from cofitune_plugin.trial_launch import (
+    LaunchedTrials,
+    device_groups,
+    load_scored_model,
+    trial_mode,
+    visible_gpus,
+)
 
 # Keys that decide where things go or how they are logged, not what a trial measures.
 _NOT_IN_HEADER = ("output_dir", "dataset_prepared_path", "logging_steps", "save_strategy")
+# Search keys records do not depend on: the tree's shape (records are matched per candidate),
+# the weights (they only score records) and where or on how many devices trials run.
+_SEARCH_NOT_IN_HEADER = (
+    "levels",
+    "max_trials",
+    "output_dir",
+    "weights",
+    "trials",
+    "gpus_per_trial",
+    "cpu_processes_per_trial",
+    "cpu_trials_at_once",
+    "device_memory_gib",
+)
 
 
 def search_command(config: str) -> str:
@@ -71,18 +104,38 @@ def search_command(config: str) -> str:
         return Candidate(window, modules, selection.layers, selection.numel)
 
     planned = min(check_levels(spec.levels, resolve), spec.max_trials or sys.maxsize)
+    gpus = visible_gpus()
+    groups = device_groups(spec, gpus)
+    launched, why = trial_mode(raw, spec, groups)
+    refuse = memory_refusal(raw, spec, meta_model, groups[0].processes, bool(gpus))
+    first = level_candidates(spec.levels[0], None, resolve)
+    if all(refuse(c) for c in first):
+        raise RecipeError(
+            "cofitune.search: no candidate of the first level fits in memory, so no search can "
+            "start: "
+            + "; ".join(f"{c.window} x {c.modules}: {refuse(c)}" for c in first)
+            + ". Use more GPUs per trial (`gpus_per_trial`), a sharding launcher, a smaller "
+            "`micro_batch_size` in `trial`, or narrower windows"
+        )
     records = SearchRecords(Path(output))
     records.check_header(search_header(raw))
-    trials = SearchTrials(config, spec, records, planned)
+    records.check_versions(host_versions())
+    if launched:
+        trials = LaunchedTrials(raw, spec, records, groups)
+        base = records.base() or launched_base(config, spec, records)
+    else:
+        trials = SearchTrials(config, spec, records, planned)
+    LOG.info("cofitune-search: trials %s (%s)", "launched" if launched else "in process", why)
     result = run_search(
         spec.levels,
         resolve,
         trials.run,
         records.trials(),
-        base=trials.base,
+        base=(lambda: base) if launched else trials.base,
         metric=spec.speciality.metric,
         weights=spec.weights,
         max_trials=spec.max_trials,
+        refuse=refuse,
     )
 
     directory = Path(output)
@@ -92,22 +145,112 @@ def search_command(config: str) -> str:
     total = sum(p.numel() for p in meta_model.parameters())
     seconds = time.perf_counter() - start
     trained = sum(t.train_seconds for t in trials.finished)
+    loading = f"loading {trials.load_seconds:.1f} s, " if not launched else ""
     summary = (
         f"{len(result.visited)} trials ({len(trials.finished)} run now, the rest read from "
         f"{records.trials_path}){'; stopped at max_trials' if result.capped else ''}.\n"
+        f"Trials {'launched, one Axolotl launch each' if launched else 'in this process'} "
+        f"({why}).\n"
         f"This run: {seconds:.1f} s, of which trial training {trained:.1f} s "
-        f"({100 * (1 - trained / seconds):.0f}% outside training: loading "
-        f"{trials.load_seconds:.1f} s, evaluation "
+        f"({100 * (1 - trained / seconds):.0f}% outside training: {loading}evaluation "
         f"{sum(t.eval_seconds for t in trials.finished):.1f} s).\n"
         f"All trials: training {sum(t.train_seconds for t in result.visited):.1f} s, evaluation "
         f"{sum(t.eval_seconds for t in result.visited):.1f} s.\n"
-        f"Chosen: layers {result.chosen.window} ({text_config.num_hidden_layers} in the model), "
+        + "".join(
+            f"Failed (kept in trials.jsonl, not scored; delete its line to retry): {t.key}: "
+            f"{t.failed.splitlines()[0]}\n"
+            for t in result.failed
+        )
+        + "".join(
+            f"Skipped before starting: {key}: {reason}\n" for key, reason in result.skipped.items()
+        )
+        + f"Chosen: layers {result.chosen.window} ({text_config.num_hidden_layers} in the model), "
         f"modules {result.chosen.modules}, written to {chosen_path}.\n"
         f"{versus_paper_default(result, paper)}"
     )
     table = markdown_table(result, records.base(), spec.speciality.metric, total, paper)
     (directory / "report.md").write_text(f"# CoFiTune search: {config}\n\n{table}\n\n{summary}\n")
     return f"{table}\n\n{summary}"
+
+
+def memory_refusal(
+    raw: dict, spec, meta_model, processes: int, on_gpu: bool
+) -> Callable[[Candidate], str | None]:
+    """Why a candidate may not start: its peak per device under the recipe's launcher on
+    `processes` devices, as `axolotl cofitune-plan` estimates it (trials train without soft
+    masks), over `device_memory_gib` (default: the smallest visible GPU's memory; no limit on
+    a CPU)."""
+    limit = spec.device_memory_gib
+    if limit is None and on_gpu:
+        import torch
+
+        sizes = range(torch.cuda.device_count())
+        limit = min(torch.cuda.get_device_properties(i).total_memory for i in sizes) / GIB
+    if limit is None:
+        return lambda candidate: None
+    block = {k: v for k, v in raw["cofitune"].items() if k != "soft_mask"}
+    setup = replace(
+        recipe_setup({**raw, **spec.trial, "cofitune": block}, processes), on_gpu=on_gpu
+    )
+
+    def refuse(candidate: Candidate) -> str | None:
+        selection = select(meta_model, candidate.window, candidate.modules)
+        peak = plan_memory(model_shape(meta_model, selection), setup).total / GIB
+        if peak <= limit:
+            return None
+        return (
+            f"estimated {peak:.3g} GiB per device ({setup.launcher} on {processes} "
+            f"device(s)), over {limit:g} GiB"
+        )
+
+    return refuse
+
+
+def measure_base(model, evaluator, records: SearchRecords) -> BaseRecord:
+    """Score the untrained model, keep its greedy answers (what trials are scored against) and
+    its fingerprint, and save them to the search's base.json."""
+    from cofitune_plugin.importance_store import model_fingerprint
+
+    start = time.perf_counter()
+    answers = evaluator.base_answers(model)
+    scores = evaluator.evaluate(model, answers)
+    base = BaseRecord(
+        speciality=scores.speciality,
+        retention_nll=scores.retention_nll,
+        tasks=scores.task_scores(),
+        seconds=time.perf_counter() - start,
+        fingerprint=model_fingerprint(model),
+        answers=answers,
+    )
+    records.save_base(base)
+    LOG.info(
+        "cofitune: base model: speciality %.4f, retention NLL %.4f",
+        base.speciality,
+        base.retention_nll,
+    )
+    return base
+
+
+def launched_base(config: str, spec, records: SearchRecords) -> BaseRecord:
+    """The base record for launched trials, measured here before the first launch (each trial
+    reads its answers): the model loaded as trials' models are for scoring, unsharded."""
+    from axolotl.cli.config import load_cfg
+    from axolotl.loaders import load_tokenizer
+
+    from cofitune_plugin.scoring import Evaluator
+
+    cfg = load_cfg(
+        config,
+        cofitune__soft_mask=None,
+        cofitune__from_search=None,
+        **dict.fromkeys(LAUNCHER_KEYS),
+    )
+    evaluator = Evaluator(load_tokenizer(cfg), spec.eval_settings())
+    model = load_scored_model(cfg.base_model, bool(cfg.trust_remote_code))
+    base = measure_base(model, evaluator, records)
+    del model
+    gc.collect()
+    return base
 
 
 class SearchTrials:
@@ -123,7 +266,6 @@ class SearchTrials:
         self.session = None
 
     def _load(self, window: str, modules: str) -> None:
-        from cofitune_plugin.args import EvalSettings
         from cofitune_plugin.scoring import Evaluator
         from cofitune_plugin.session import Session
 
@@ -138,43 +280,21 @@ class SearchTrials:
             save_strategy="no",
             **self.spec.trial,
         )
-        settings = EvalSettings(
-            speciality=self.spec.speciality,
-            versatility=self.spec.versatility,
-            eval_batch_size=self.spec.eval_batch_size,
-        )
-        self.evaluator = Evaluator(self.session.tokenizer, settings)
+        self.evaluator = Evaluator(self.session.tokenizer, self.spec.eval_settings())
         self.load_seconds += time.perf_counter() - start
 
     def base(self) -> BaseRecord:
-        from cofitune_plugin.importance_store import model_fingerprint
-
         recorded = self.records.base()
         if recorded is not None:
             return recorded
         if self.session is None:  # only possible with no trial run yet: load for the first level
             raise RuntimeError("cofitune-search: the base model is measured after loading")
-        start = time.perf_counter()
-        model = self.session.model
-        answers = self.evaluator.base_answers(model)
-        scores = self.evaluator.evaluate(model, answers)
-        base = BaseRecord(
-            speciality=scores.speciality,
-            retention_nll=scores.retention_nll,
-            tasks=scores.task_scores(),
-            seconds=time.perf_counter() - start,
-            fingerprint=model_fingerprint(model),
-            answers=answers,
-        )
-        self.records.save_base(base)
-        LOG.info(
-            "cofitune: base model: speciality %.4f, retention NLL %.4f",
-            base.speciality,
-            base.retention_nll,
-        )
-        return base
+        return measure_base(self.session.model, self.evaluator, self.records)
 
-    def run(self, candidate: Candidate) -> TrialRecord:
+    def run(self, candidates: list[Candidate]) -> list[TrialRecord]:
+        return [self._run(candidate) for candidate in candidates]
+
+    def _run(self, candidate: Candidate) -> TrialRecord:
         from axolotl.utils.dict import DictDefault
 
         from cofitune_plugin.importance_store import model_fingerprint
@@ -207,16 +327,9 @@ class SearchTrials:
 
         run = session.train(unfrozen, evaluate, overrides, plugin=True)
         scores, eval_seconds = run.evaluation
-        record = TrialRecord(
-            key=candidate.key,
-            window=candidate.window,
-            modules=candidate.modules,
-            layers=list(candidate.layers),
-            trainable=candidate.trainable,
-            speciality=scores.speciality,
-            retention_nll=scores.retention_nll,
-            agreement=scores.agreement,
-            tasks=scores.task_scores(),
+        record = TrialRecord.of(
+            candidate,
+            **scores.trial_measures(),
             train_seconds=run.train_seconds,
             eval_seconds=eval_seconds,
         )
@@ -227,19 +340,16 @@ class SearchTrials:
 
 def search_header(raw: dict) -> dict:
     """What trial records depend on: the recipe without the search's own shape (its levels and
-    cap may change between runs; records are matched per candidate) or its `weights` (they
-    only score the records: new weights re-score them without training again)."""
+    cap may change between runs; records are matched per candidate), its `weights` (they
+    only score the records: new weights re-score them without training again) or where and
+    how many at once its trials run."""
     from cofitune_plugin import __version__
 
     recipe = {k: v for k, v in raw.items() if k not in _NOT_IN_HEADER}
     block = {
         k: v
         for k, v in raw["cofitune"].items()
-        if k not in ("layers", "modules", "soft_mask", "from_search")
+        if k not in ("layers", "modules", "soft_mask", "from_search", "trial_scores")
     }
-    block["search"] = {
-        k: v
-        for k, v in block["search"].items()
-        if k not in ("levels", "max_trials", "output_dir", "weights")
-    }
+    block["search"] = {k: v for k, v in block["search"].items() if k not in _SEARCH_NOT_IN_HEADER}
     return {"recipe": {**recipe, "cofitune": block}, "plugin_version": __version__}

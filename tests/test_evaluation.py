@@ -168,3 +168,18 @@ def test_lm_eval_results_keep_each_documents_score_and_the_standard_error(
     assert task.items == [1.0, 1.0, 0.0]
     # the sample standard deviation of (1, 1, 0) over sqrt(3): sqrt(1/3) / sqrt(3)
     assert task.stderr == pytest.approx(1 / 3)
+    assert task.doc_ids == [0, 1, 2]
+    assert task.item_metrics["acc"] == task.items
+
+
+def test_lm_eval_results_score_only_the_documents_asked_for_under_their_own_ids(
+    tmp_path, model_and_tokenizer
+):
+    """A split's documents: the others are never scored, and each result keeps its id."""
+    model, tokenizer = model_and_tokenizer
+    include = write_tiny_task(tmp_path)
+    result = lm_eval_results(
+        uniform_copy(model), tokenizer, ["tiny_general"], include, None, 2, {"tiny_general": [0, 2]}
+    )["tiny_general"]
+    assert result.doc_ids == [0, 2]
+    assert result.items == [1.0, 0.0]

@@ -2,6 +2,9 @@
 at config time, and a recipe whose plugin did not load never becomes a full fine-tune."""
 
 import copy
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,13 +15,16 @@ from axolotl.utils.dict import DictDefault
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from cofitune_plugin.plugin import REWRITTEN_KEYS
+from cofitune_plugin.plugin import REWRITTEN_KEYS, CoFiTunePlugin
 from cofitune_plugin.search import CHOSEN_FILE
 from helpers import (
+    AXOLOTL_VERSION,
+    OFFLINE_ENV,
     expected_row_keep,
     masked_and_plain_step,
     recipe,
     run_axolotl,
+    search_block,
     soft_mask_block,
     write_recipe,
 )
@@ -103,6 +109,17 @@ BAD_RECIPES = {
     "8-bit weights": ({"load_in_8bit": True}, "remove `load_in_8bit`"),
     "4-bit weights": ({"load_in_4bit": True}, "use `adapter: cofitune-qlora`"),
     "fsdp1": ({"fsdp_config": {"fsdp_version": 1}}, "set `fsdp_version: 2`"),
+    "spectrum too": (
+        {
+            "plugins": [
+                "cofitune_plugin.CoFiTunePlugin",
+                "axolotl.integrations.spectrum.SpectrumPlugin",
+            ],
+            "spectrum_top_fraction": 0.5,
+        },
+        "plugins: axolotl.integrations.spectrum.SpectrumPlugin (Spectrum) and `cofitune:` both "
+        "choose what trains",
+    ),
     "importance not computed yet": (
         {"cofitune": {"soft_mask": {"importance": "nowhere"}}},
         "cofitune.soft_mask.importance: no importance in ['nowhere']; compute it first",
@@ -192,8 +209,57 @@ def test_recipe_without_a_working_plugin_never_trains(tmp_path, tiny_models, plu
     cfg = recipe(tmp_path, tiny_models["llama"], plugins=plugins)
     result = run_axolotl("train", str(write_recipe(tmp_path, cfg)), cwd=tmp_path)
     assert result.returncode != 0
-    assert "Adapter 'cofitune' is not built in" in result.stdout + result.stderr
+    log = result.stdout + result.stderr
+    if plugins and AXOLOTL_VERSION >= (0, 21):  # 0.21 raises on a listed plugin's import error
+        assert "No module named 'cofitune_plugin_not_installed'" in log
+    else:  # 0.19 skips it; then the adapter no plugin registered stops the run
+        assert "Adapter 'cofitune' is not built in" in log
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_register_forgets_the_previous_training(tmp_path, tiny_models):
+    """Axolotl 0.21 keeps one plugin instance from one `load_cfg` to the next: what it
+    remembers of a training (when its trainer was made, that its report was written) must not
+    carry into the next one, or the second training in a process would write no report."""
+    plugin = CoFiTunePlugin()
+    plugin._trainer_created, plugin._reported = 1.0, True
+    plugin.register(DictDefault(recipe(tmp_path, tiny_models["llama"])))
+    assert (plugin._trainer_created, plugin._reported) == (None, False)
+
+
+@pytest.mark.axolotl
+def test_two_trainings_in_one_process_each_write_their_report(tmp_path, tiny_models):
+    """Axolotl's own `load_cfg` + `train` twice in one Python process (a notebook, a sweep):
+    each training writes its own report, under 0.19 (a new plugin per config) and 0.21 (one
+    plugin for the process)."""
+    paths = []
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        block = {"layers": "25%-50%", "modules": ["ffn"], "report": {}}
+        block["search"] = search_block(tmp_path / name)["search"]
+        cfg = recipe(tmp_path / name, tiny_models["llama"], cofitune=block)
+        paths.append(str(write_recipe(tmp_path / name, cfg)))
+    script = (
+        "import sys\n"
+        "from axolotl.cli.config import load_cfg\n"
+        "from axolotl.common.datasets import load_datasets\n"
+        "from axolotl.train import train\n"
+        "for path in sys.argv[1:]:\n"
+        "    cfg = load_cfg(path)\n"
+        "    train(cfg=cfg, dataset_meta=load_datasets(cfg=cfg))\n"
+    )
+    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script, *paths],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    for name in ("first", "second"):
+        assert (tmp_path / name / "out" / "cofitune-report.json").is_file(), name
 
 
 @pytest.mark.axolotl

@@ -50,20 +50,19 @@ def scripted_trials(losses: dict[tuple[str, str], float], log: list[Candidate]):
     """A trial whose held-out loss is looked up by (window, modules); retention is perfect,
     so the search ranks by speciality alone."""
 
-    def run(candidate: Candidate) -> TrialRecord:
-        log.append(candidate)
-        return TrialRecord(
-            key=candidate.key,
-            window=candidate.window,
-            modules=candidate.modules,
-            layers=list(candidate.layers),
-            trainable=candidate.trainable,
-            speciality=losses.get((candidate.window, candidate.modules), 1.5),
-            retention_nll=1.0,
-            agreement=1.0,
-            train_seconds=0.0,
-            eval_seconds=0.0,
-        )
+    def run(candidates: list[Candidate]) -> list[TrialRecord]:
+        log.extend(candidates)
+        return [
+            TrialRecord.of(
+                candidate,
+                speciality=losses.get((candidate.window, candidate.modules), 1.5),
+                retention_nll=1.0,
+                agreement=1.0,
+                train_seconds=0.0,
+                eval_seconds=0.0,
+            )
+            for candidate in candidates
+        ]
 
     return run
 
@@ -226,6 +225,24 @@ def trial(key: str, speciality: float, retention_nll: float, trainable: int = 1)
     return TrialRecord(key, key, "ffn", [0], trainable, speciality, retention_nll, 1.0, 0.0, 0.0)
 
 
+def test_trials_measured_under_other_versions_are_refused_naming_both(tmp_path):
+    """The search ranks trials against each other: one measured under another Axolotl (0.21
+    seeds LoRA, changes checkpointing) or transformers/peft must not join them."""
+    records = SearchRecords(tmp_path)
+    old = {"axolotl": "0.19.0", "peft": "0.20.0", "transformers": "5.16.1"}
+    record = trial("a", 0.5, 1.25)
+    record.versions = old
+    records.append(record)
+    records.check_versions(old)  # the same environment resumes
+    new = {"axolotl": "0.21.0", "peft": "0.21.2", "transformers": "5.20.1"}
+    with pytest.raises(SearchError) as err:
+        records.check_versions(new)
+    message = str(err.value)
+    assert "axolotl 0.19.0, peft 0.20.0, transformers 5.16.1" in message
+    assert "axolotl 0.21.0, peft 0.21.2, transformers 5.20.1" in message
+    assert "Point `cofitune.search.output_dir` at a new directory" in message
+
+
 def test_uni_normalises_speciality_to_the_best_trial_and_versatility_to_the_base():
     trials = [trial("a", 0.5, 1.25), trial("b", 1.0, 1.0)]
     equal = SearchWeights(speciality=1.0, versatility=1.0)
@@ -281,3 +298,60 @@ def test_records_survive_a_cut_last_line_and_refuse_another_recipe(tmp_path):
 def test_search_block_of_the_test_recipe_is_valid(tmp_path, tiny_models):
     cfg = recipe(tmp_path, tiny_models["llama"], cofitune=search_block(tmp_path))
     assert check_recipe(cfg).search.trial == {"max_steps": 2}
+
+
+def test_a_failed_trial_is_kept_unscored_and_the_level_chooses_among_the_rest(resolve):
+    """A crashed trial (its launch left no scores) is a record, never a score: the level's
+    winner comes from the trials that finished, and a resumed search does not run it again."""
+    config = search_config("[{windows: ['0-3', '4-7'], modules: [ffn]}]")
+    crashed = resolve("0-3", "ffn")
+    log: list[Candidate] = []
+    scripted = scripted_trials({("0-3", "ffn"): 0.5}, log)
+
+    def run(candidates):
+        return [
+            TrialRecord.failure(c, "exit status -9") if c == crashed else scripted([c])[0]
+            for c in candidates
+        ]
+
+    args = (config.search.levels, resolve, run)
+    result = run_search(*args, {}, lambda: BASE, "loss", SearchWeights())
+    assert [t.key for t in result.failed] == [crashed.key]
+    assert [t.key for t in result.visited] == ["layers=4-7|modules=ffn"]
+    assert result.chosen.window == "4-7" and crashed.key not in result.scores
+    records = {t.key: t for t in [*result.failed, *result.visited]}
+    log.clear()
+    again = run_search(*args, records, lambda: BASE, "loss", SearchWeights())
+    assert log == [] and again.chosen.key == result.chosen.key
+
+
+def test_every_trial_of_the_first_level_failing_stops_the_search(resolve):
+    config = search_config("[{windows: ['0-3'], modules: [ffn]}]")
+
+    def crash(candidates):
+        return [TrialRecord.failure(c, "exit status 1") for c in candidates]
+
+    with pytest.raises(SearchError, match=r"no trial of the first level produced scores"):
+        run_search(config.search.levels, resolve, crash, {}, lambda: BASE, "loss", SearchWeights())
+
+
+def test_a_refused_candidate_is_skipped_before_it_starts_and_a_level_runs_as_one_batch(resolve):
+    """`refuse` (the memory estimate) keeps a candidate from starting; the level's other
+    candidates reach `run_trials` together, in candidate order (to run side by side)."""
+    config = search_config("[{windows: ['0-3', '0-7', '4-7'], modules: [ffn]}]")
+    batches: list[list[str]] = []
+    scripted = scripted_trials({}, [])
+
+    def run(candidates):
+        batches.append([c.window for c in candidates])
+        return scripted(candidates)
+
+    def refuse(candidate):
+        return "estimated 9 GiB, over 8 GiB" if candidate.window == "0-7" else None
+
+    result = run_search(
+        config.search.levels, resolve, run, {}, lambda: BASE, "loss", SearchWeights(), None, refuse
+    )
+    assert batches == [["0-3", "4-7"]]
+    assert result.skipped == {"layers=0-7|modules=ffn": "estimated 9 GiB, over 8 GiB"}
+    assert {t.window for t in result.visited} == {"0-3", "4-7"}

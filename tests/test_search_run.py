@@ -1,8 +1,13 @@
-"""What `axolotl cofitune-search` records depend on: `search_header`."""
+"""`axolotl cofitune-search` in its process: what records depend on (`search_header`), and the
+memory check that stops a search before anything loads."""
 
 import copy
 
-from cofitune_plugin.search_run import search_header
+import pytest
+
+from cofitune_plugin.args import RecipeError
+from cofitune_plugin.search_run import search_command, search_header
+from helpers import recipe, search_block, write_recipe
 
 RAW = {
     "base_model": "some/model",
@@ -37,3 +42,24 @@ def test_new_weights_rescore_the_records_but_a_new_trial_budget_does_not():
     assert search_header(_with(("cofitune", "search", "max_trials"), 3)) == header
     assert search_header(_with(("cofitune", "search", "trial"), {"max_steps": 30})) != header
     assert search_header(_with(("learning_rate",), 1.0e-4)) != header
+
+
+def test_where_and_how_many_at_once_trials_run_does_not_change_what_they_measure():
+    header = search_header(RAW)
+    for key, value in (("trials", "launch"), ("cpu_trials_at_once", 2), ("gpus_per_trial", 2)):
+        assert search_header(_with(("cofitune", "search", key), value)) == header
+
+
+def test_a_search_none_of_whose_first_candidates_fits_stops_before_anything_loads(
+    tmp_path, tiny_models
+):
+    """Every first-level candidate is estimated over `device_memory_gib` (as `axolotl
+    cofitune-plan` estimates it): the search stops with each estimate, before any weight loads
+    or any record is written."""
+    block = search_block(tmp_path, device_memory_gib=1e-6)
+    config = write_recipe(tmp_path, recipe(tmp_path, tiny_models["llama"], cofitune=block))
+    with pytest.raises(RecipeError, match=r"no candidate of the first level fits") as error:
+        search_command(str(config))
+    assert "0%-100% x ffn+mha: estimated" in str(error.value)
+    assert "GiB per device (single on 1 device(s)), over 1e-06 GiB" in str(error.value)
+    assert not (tmp_path / "search").exists()

@@ -50,3 +50,24 @@ def test_a_peft_run_trains_adapters_and_unloads_them(session):
     assert run.evaluation > 0
     assert not any("lora_" in n for n, _ in session.model.named_parameters())
     assert all(torch.equal(p, base[n]) for n, p in session.model.named_parameters())
+
+
+def test_a_run_can_bring_its_own_optimizer_which_the_schedule_drives(session):
+    """An optimizer the config cannot name (MoFO in the forgetting benchmark): the trainer uses
+    it, with the config's learning-rate schedule, instead of building its own."""
+    base = _weights(session.model)
+    names = list(session.select("25%-50%", "ffn").parameters)
+    built = []
+
+    def frozen_sgd(model):
+        built.append(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0))
+        return built[-1]
+
+    def changed(model) -> int:
+        return sum(not torch.equal(p, base[n]) for n, p in model.named_parameters())
+
+    run = session.train(
+        exact_patterns(names), changed, {"learning_rate": 1e-2}, optimizer=frozen_sgd
+    )
+    assert run.evaluation == 0  # the rate-0 SGD moved nothing: the trainer's AdamW never ran
+    assert len(built) == 1 and built[0].state_dict()["param_groups"][0]["initial_lr"] == 0.0

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cofitune_plugin.answers import extract_answer
-from cofitune_plugin.args import EvalSettings
 from cofitune_plugin.dial import selection_values
+from cofitune_plugin.eval_schema import EvalSettings
 from cofitune_plugin.evaluation import greedy_generate, read_examples
 from cofitune_plugin.importance_store import model_fingerprint
 from cofitune_plugin.search import BaseRecord, SearchRecords
@@ -26,7 +26,15 @@ from cofitune_plugin.train_report import (
     report_on,
     write_dial,
 )
-from helpers import SENTENCES, build_tiny_model, recipe, run_axolotl, search_block, write_recipe
+from helpers import (
+    AXOLOTL_VERSION,
+    SENTENCES,
+    build_tiny_model,
+    recipe,
+    run_axolotl,
+    search_block,
+    write_recipe,
+)
 
 ANY_TEXT = r"(?s)(.+)"  # exact match of the whole generation
 NEW_TOKENS = 6
@@ -145,7 +153,7 @@ def test_report_figures_equal_a_hand_computation(pair, tmp_path):
     assert [x["index"] for x in flips["speciality"]["right_to_wrong"]] == right_to_wrong
     assert [x["index"] for x in flips["speciality"]["wrong_to_right"]] == wrong_to_right
     forgotten = [i for i in range(6) if b["reproduced"][i] and not t["reproduced"][i]]
-    assert [x["index"] for x in flips["versatility"]["right_to_wrong"]] == forgotten
+    assert [x["index"] for x in flips["versatility"]["changed"]] == forgotten
     assert flips["speciality"]["right_to_wrong"][0]["prompt"]
 
     md = (tmp_path / "cofitune-report.md").read_text()
@@ -239,10 +247,15 @@ def test_the_dialled_directory_loads_and_differs_from_the_base_in_the_selection_
         write_dial(trained, [], 0.5, tmp_path / "half")
 
 
+LORA = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+
+
 @pytest.mark.axolotl
-def test_train_writes_the_report_once_and_the_commands_read_it(tmp_path, tiny_models):
+@pytest.mark.parametrize("adapter", ["cofitune", "cofitune-lora"])
+def test_train_writes_the_report_once_and_the_commands_read_it(tmp_path, tiny_models, adapter):
     """One real `axolotl train` with a `report` block; then `cofitune-report` and
-    `cofitune-dial` in this process on its output directory."""
+    `cofitune-dial` in this process on its output directory. A LoRA run's output directory
+    holds an adapter, which the report and the dial merge into the base in memory."""
     from cofitune_plugin.cli import dial, report
 
     block = {
@@ -251,12 +264,15 @@ def test_train_writes_the_report_once_and_the_commands_read_it(tmp_path, tiny_mo
         "search": search_block(tmp_path)["search"],
         "report": {},
     }
-    path = write_recipe(tmp_path, recipe(tmp_path, tiny_models["llama"], cofitune=block))
+    lora = LORA if adapter == "cofitune-lora" else {}
+    cfg = recipe(tmp_path, tiny_models["llama"], cofitune=block, adapter=adapter, **lora)
+    path = write_recipe(tmp_path, cfg)
     trained = run_axolotl("train", str(path), cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr[-4000:]
     log = trained.stdout + trained.stderr
     assert log.count("Domain gain: held-out NLL") == 1, log[-3000:]
     out = tmp_path / "out"
+    assert (out / "adapter_config.json").is_file() == (adapter == "cofitune-lora")
     written = json.loads((out / "cofitune-report.json").read_text())
     assert written["speciality"]["tuned"] < written["speciality"]["base"]  # it learnt its data
     assert "CoFiTune trains layers 2-3" in written["selection"]
@@ -272,6 +288,31 @@ def test_train_writes_the_report_once_and_the_commands_read_it(tmp_path, tiny_mo
     assert points[0]["speciality"] == pytest.approx(written["speciality"]["base"], rel=1e-4)
     assert points[1]["speciality"] == pytest.approx(written["speciality"]["tuned"], rel=1e-4)
     assert (out / DIAL_DIR / "dial.png").stat().st_size > 0
+
+
+@pytest.mark.axolotl
+@pytest.mark.skipif(AXOLOTL_VERSION < (0, 21), reason="`post_lora_merge` came with Axolotl 0.21")
+def test_merge_lora_writes_the_merged_models_report_beside_it(tmp_path, tiny_models):
+    """`axolotl merge-lora` on a trained cofitune-lora recipe: Axolotl's `post_lora_merge` hook
+    reports on the merged model, in its directory; the figures are those of the adapter merged
+    in memory after training."""
+    block = {"layers": "25%-50%", "modules": ["ffn"], "search": search_block(tmp_path)["search"]}
+    block["report"] = {}
+    cfg = recipe(tmp_path, tiny_models["llama"], cofitune=block, adapter="cofitune-lora", **LORA)
+    path = write_recipe(tmp_path, cfg)
+    trained = run_axolotl("train", str(path), cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-4000:]
+    merged = run_axolotl("merge-lora", str(path), cwd=tmp_path)
+    assert merged.returncode == 0, merged.stderr[-4000:]
+    out = tmp_path / "out"
+    after_training = json.loads((out / "cofitune-report.json").read_text())
+    after_merge = json.loads((out / "merged" / "cofitune-report.json").read_text())
+    assert after_merge["speciality"]["tuned"] == pytest.approx(
+        after_training["speciality"]["tuned"], rel=1e-4
+    )
+    assert after_merge["versatility"]["retention_nll"]["tuned"] == pytest.approx(
+        after_training["versatility"]["retention_nll"]["tuned"], rel=1e-4
+    )
 
 
 def test_a_recipe_whose_output_is_another_model_is_refused(tmp_path, tiny_models):
@@ -296,7 +337,6 @@ def test_a_recipe_whose_output_is_another_model_is_refused(tmp_path, tiny_models
             "cofitune",
             r"cofitune.report.speciality.data: no file at nowhere.jsonl",
         ),
-        ({"search": "SEARCH", "report": {}}, "cofitune-lora", "cofitune.report: not supported"),
     ],
 )
 def test_a_report_it_cannot_make_stops_at_the_recipe(tmp_path, block, adapter, message):
@@ -334,19 +374,47 @@ def test_lm_eval_tasks_show_their_standard_error_and_the_documents_that_flipped(
     base = BaseEval("f", {}, [[1]] * 6, before, "here")
 
     report = compare(base, after, evaluator)
-    assert report["tasks"]["arc"] == {
+    interval = report["tasks"]["arc"]["change_interval"]
+    assert {k: v for k, v in report["tasks"]["arc"].items() if k != "change_interval"} == {
         "base": 0.5,
         "tuned": 0.25,
         "change": -0.25,
         "base_stderr": 0.25,
         "tuned_stderr": 0.2,
     }
+    assert interval[0] < -0.25 < interval[1]  # paired over the 4 documents: wide, around it
     assert report["flips"]["tasks"]["arc"] == {"right_to_wrong": [0], "wrong_to_right": [2]}
     spec = report["flips"]["speciality"]
     assert [x["index"] for x in spec["right_to_wrong"]] == [2]
     assert [x["index"] for x in spec["wrong_to_right"]] == [1, 3]
-    assert [x["index"] for x in report["flips"]["versatility"]["right_to_wrong"]] == [5]
+    assert [x["index"] for x in report["flips"]["versatility"]["changed"]] == [5]
     assert report["versatility"]["vers"] == pytest.approx((2.0 / 2.5 + 0.25 / 0.5) / 2)
     text = markdown(report, "t", "")
     assert "| lm-eval arc | 0.5000 ± 0.2500 | 0.2500 ± 0.2000 | -0.2500 |" in text
     assert "**lm-eval arc, right to wrong: 1** 0" in text
+    assert "**versatility, changed: 1**" in text
+    assert "arc 0.500 -> 0.250 (-0.250, 95% interval [" in text
+    assert "a reworded answer counts as changed, not as wrong" in text
+
+
+def test_a_reworded_general_answer_is_changed_not_wrong_and_benchmarks_say_what_was_lost(pair):
+    """The issue's case: every general answer reworded (none reproduced word for word) while a
+    benchmark's accuracy rose. The report calls the prompts changed, and its general-ability
+    line, with its interval, is the benchmark's."""
+    from cofitune_plugin.evaluation import TaskResult
+    from cofitune_plugin.train_report import ModelEval, compare, headline
+
+    _, _, _, tokenizer, settings, _ = pair
+    evaluator = Evaluator(tokenizer, settings)
+    before = ModelEval(0.5, 2.0, 1.0, [True] * 6, [True, False, True, False])
+    before.tasks = {"piqa": TaskResult(0.5, 0.1, [1.0, 0.0] * 50)}
+    after = ModelEval(0.75, 2.4, 0.7, [False] * 6, [True, True, True, False])
+    after.tasks = {"piqa": TaskResult(0.6, 0.1, [1.0, 0.0] * 40 + [1.0] * 20)}
+    report = compare(BaseEval("f", {}, [[1]] * 6, before, "here"), after, evaluator)
+    assert "right_to_wrong" not in report["flips"]["versatility"]
+    assert len(report["flips"]["versatility"]["changed"]) == 6
+    low, high = report["tasks"]["piqa"]["change_interval"]
+    assert 0 < low < 0.1 < high  # 10 of 100 documents gained, none lost: surely above 0
+    domain, ability, distance = headline(report)
+    assert ability.startswith("General ability (benchmarks): piqa 0.500 -> 0.600 (+0.100")
+    assert "written word for word 6/6 -> 0/6" in distance

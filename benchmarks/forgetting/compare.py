@@ -24,10 +24,10 @@ def within_spread(committed: dict, rerun: dict) -> bool:
 
 def compare(committed: dict, rerun: dict, names: tuple[str, str]) -> tuple[list[str], bool]:
     """The comparison's Markdown lines, and whether every deciding metric is within its spread."""
-    if committed["plan"]["budget"] != rerun["plan"]["budget"]:
+    if committed["budget"] != rerun["budget"]:
         sys.exit("the two results are of different budgets: compare like with like")
     lines = [
-        f"# Reproduction of the `{committed['plan']['budget']}` table",
+        f"# Reproduction of the `{committed['budget']}` table",
         "",
         f"Committed: `{names[0]}` ({committed['date']}). Re-run: `{names[1]}` "
         f"({rerun['date']}), `{rerun['command']}`. "
@@ -38,8 +38,8 @@ def compare(committed: dict, rerun: dict, names: tuple[str, str]) -> tuple[list[
         "|---" * 6 + "|",
     ]
     reproduced = True
-    rerun_rows = {_key(row): row for row in rerun["rows"]}
-    for row in committed["rows"]:
+    rerun_rows = {_key(row): row for row in _rows(rerun)}
+    for row in _rows(committed):
         name = " ".join(
             f"{part:g}" if isinstance(part, float) else str(part)
             for part in _key(row)
@@ -65,8 +65,18 @@ def compare(committed: dict, rerun: dict, names: tuple[str, str]) -> tuple[list[
     return lines, reproduced
 
 
+def _rows(results: dict) -> list[dict]:
+    """Every row of every domain and stage, each with its domain and stage."""
+    return [
+        row | {"domain": domain, "stage": stage}
+        for domain, entry in results["domains"].items()
+        for stage in ("dev", "test")
+        for row in entry.get(stage, {}).get("rows", [])
+    ]
+
+
 def _key(row: dict) -> tuple:
-    return row["method"], row["learning_rate"], row["alpha"]
+    return row["domain"], row["stage"], row["method"], row["learning_rate"], row["alpha"]
 
 
 def main() -> None:
@@ -77,7 +87,7 @@ def main() -> None:
     committed, rerun = (json.loads(p.read_text()) for p in (args.committed, args.rerun))
     lines, reproduced = compare(committed, rerun, (str(args.committed), str(args.rerun)))
     text = "\n".join(lines) + "\n"
-    out = args.rerun.with_name(f"reproduction-{rerun['plan']['budget']}.md")
+    out = args.rerun.with_name(f"reproduction-{rerun['budget']}.md")
     out.write_text(text)
     print(text)
     print(f"written: {out}")

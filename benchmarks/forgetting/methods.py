@@ -1,9 +1,12 @@
 """The fine-tuning methods the forgetting benchmark compares, each as its users run it.
 
 A method decides what trains: a set of parameters (full fine-tuning, layer freezing, Spectrum,
-HFT, CoFiTune's selections) or LoRA adapters. CoFiTune's methods go through the plugin (its
-selection, its report and its soft masks); the others do what their own tools do, written here
-in a few lines of PyTorch because none of them is an Axolotl option.
+HFT, CoFiTune's selections) or LoRA adapters, and with it what the loss sees (Axolotl's EAFT
+loss, `use_eaft`; general text mixed into the domain's data, replay) or how a step moves the
+weights (MoFO, `mofo.py`). CoFiTune's methods go
+through the plugin (its selection, its report and its soft masks); the selections the other
+methods make are written here in a few lines of PyTorch because none of them is an Axolotl
+option. The rates each method runs at are the plan's (`__main__.py`), not the method's.
 """
 
 import random
@@ -44,44 +47,40 @@ class Method:
     `kind`: "base" (no training), "full", "lora", "params" (the names `trainable` returns) or
     "cofitune" (the plugin's selection `layers` x `modules`, with `soft_mask` None, "update" or
     "gradient"). `layers == "search"` takes the selection `axolotl cofitune-search` chose.
+    `config`: Axolotl keys the run sets (EAFT's loss). `replay`: the share of the training rows
+    that are general text. `mofo`: trained with MoFO (`mofo.py`) instead of AdamW.
     `default_recipe`: CoFiTune as the README tells a user to run it.
     """
 
     name: str
     kind: str
-    learning_rates: tuple[float, ...] = ()
     description: str = ""
     layers: str | None = None
     modules: str | None = None
     soft_mask: str | None = None
     lora: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    replay: float = 0.0
+    mofo: bool = False
     default_recipe: bool = False
 
 
-def all_methods(learning_rates: dict[str, list[float]]) -> list[Method]:
-    """The methods, each at its plan's rates: `learning_rates["full"]` (full fine-tuning's
-    frontier), `["default"]` (CoFiTune's default recipe: its frontier), `["lora"]`, and
-    `["selection"]` (every other method that trains a subset of the weights: the layer
-    freezing, Spectrum, HFT and CoFiTune's fixed selection)."""
-    full, default, lora, selection = (
-        tuple(learning_rates[key]) for key in ("full", "default", "lora", "selection")
-    )
-    cofitune = {
-        "kind": "cofitune",
-        "learning_rates": selection,
-        "layers": "25%-50%",
-        "modules": "ffn",
-    }
+# The share of general text in the training rows of each replay method.
+REPLAY_SHARES = (0.01, 0.05, 0.2)
+
+
+def all_methods() -> list[Method]:
+    """Every method of the benchmark; the plan says at which rates each runs."""
+    cofitune = {"kind": "cofitune", "layers": "25%-50%", "modules": "ffn"}
     # Base first (every run's reference), full fine-tuning next (the Spec reference), then the
     # rows the question is about, then the other methods by how often users pick them: a run
     # stopped by time still answers the question.
     return [
         Method("base", "base", description="the aligned model, not trained"),
-        Method("full", "full", full, "full fine-tuning"),
+        Method("full", "full", "full fine-tuning"),
         Method(
             "cofitune-default",
             "cofitune",
-            default,
             "CoFiTune as README runs it: the selection `axolotl cofitune-search` chose, "
             "with the default soft mask (update)",
             layers="search",
@@ -98,13 +97,36 @@ def all_methods(learning_rates: dict[str, list[float]]) -> list[Method]:
         Method(
             "lora",
             "lora",
-            lora,
             "LoRA r=16, alpha=32, on all linear layers (PEFT `all-linear`)",
             lora={"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"},
         ),
-        Method("hft", "params", selection, "HFT: a random half of each layer's matrices"),
-        Method("spectrum", "params", selection, "Spectrum: top 25% weight SNR per module type"),
-        Method("freeze", "params", selection, "LLaMA-Factory freeze: the last 25% of layers"),
+        Method(
+            "eaft",
+            "full",
+            "full fine-tuning with Axolotl's EAFT loss (`use_eaft`: tokens weighted by the "
+            "model's entropy)",
+            config={"use_eaft": True},
+        ),
+        *(
+            Method(
+                f"replay-{share:.0%}",
+                "full",
+                f"full fine-tuning with {share:.0%} of the training rows general text "
+                "(Wikipedia passages, Axolotl `completion` rows)",
+                replay=share,
+            )
+            for share in REPLAY_SHARES
+        ),
+        Method(
+            "mofo",
+            "full",
+            "MoFO: every weight trainable, each step moving the 10% of each tensor's entries "
+            "with the largest Adam momentum",
+            mofo=True,
+        ),
+        Method("hft", "params", "HFT: a random half of each layer's matrices"),
+        Method("spectrum", "params", "Spectrum: top 25% weight SNR per module type"),
+        Method("freeze", "params", "LLaMA-Factory freeze: the last 25% of layers"),
         Method(
             "cofitune+mask-gradient",
             description="CoFiTune coarse + soft mask (gradient, the paper's)",

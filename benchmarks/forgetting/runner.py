@@ -1,7 +1,7 @@
 """One method's runs, in one process (so the process's peak memory is the method's).
 
-`python benchmarks/forgetting/runner.py WORK METHOD [LEARNING_RATE]`, started by
-`python benchmarks/forgetting` (several at once: `jobs.py`).
+`python benchmarks/forgetting/runner.py PLAN METHOD [LEARNING_RATE]`, started by
+`python benchmarks/forgetting` (several at once: `jobs.py`); PLAN is a stage's plan file.
 The runs go through the plugin's training session (`cofitune_plugin.session`): the model and
 tokenized data load once through Axolotl; each run sets what trains (a set of parameters or
 LoRA adapters), builds Axolotl's trainer (CoFiTune's runs also get the plugin's
@@ -9,27 +9,33 @@ LoRA adapters), builds Axolotl's trainer (CoFiTune's runs also get the plugin's
 axes, and then the base weights come back from the checkpoint on disk. Full fine-tuning's run at
 the plan's WiSE-FT rate, and CoFiTune's default at its dial rate, are also evaluated at
 base + a (tuned - base) for each of the plan's a
-(`cofitune_plugin.dial`, evaluation only). Every finished run is one fsynced line in
-WORK/runs.jsonl (under a file lock: other runners append beside it), so a stopped benchmark
-resumes where it stopped.
+(`cofitune_plugin.dial`, evaluation only). Every finished run is its own record file
+(`records.py`) with its per-item results: exact match per held-out item, NLL per general
+prompt, each benchmark document's hit. A stopped benchmark resumes where it stopped, and runs
+from other sittings add to the same table.
 """
 
 import json
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
-from filelock import FileLock
 from methods import CURVE_OF, Method, all_methods, trainable_names
-from scores import BASE_FILE, RUNS_FILE, read_runs
+from mofo import mofo
+from records import BASE_FILE, key_of, provenance, read_base, run_file, write_record
 
 from cofitune_plugin import evaluation as plugin_evaluation
 from cofitune_plugin.dial import Dial
-from cofitune_plugin.jsonl import append_record
 from cofitune_plugin.session import Session, checkpoint_values, exact_patterns
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from machine import describe  # noqa: E402
+
+BENCH_METRIC = "acc_norm"  # each general benchmark's score, as lm-eval's papers report it
 
 
 @dataclass
@@ -51,21 +57,40 @@ class Run:
     eval_seconds: float
     peak_accelerator_bytes: int | None
     peak_rss_bytes: int
+    # per item: "exact_match" (0/1 per held-out item), "retention" ([NLL sum, tokens] per
+    # general prompt), "bench" ({task: {"doc_ids", BENCH_METRIC}})
+    items: dict = field(default_factory=dict)
+    selection: dict | None = None  # the search's choice, for CoFiTune's default
 
 
 class MethodRuns:
     """One method's runs on the product's training session (model, data and evaluation sets
     loaded once)."""
 
-    def __init__(self, work: Path, plan: dict, method: Method, label: str) -> None:
+    def __init__(self, plan: dict, method: Method, label: str) -> None:
         from cofitune_plugin.search import read_chosen
 
+        work = Path(plan["paths"]["work"])
         self.work, self.plan, self.method = work, plan, method
+        self.records = Path(plan["paths"]["records"])
         overrides: dict = {
             "output_dir": str(work / "trainer" / label),
             "save_strategy": "no",
             "cofitune__soft_mask": None,  # so that runs without a mask need no importance
         }
+        if method.replay:
+            # general text mixed into the domain's rows: its own data, prepared apart
+            overrides |= {
+                "datasets": [
+                    *plan["recipe_datasets"],
+                    {
+                        "path": plan["paths"][f"replay-{method.replay}"],
+                        "ds_type": "json",
+                        "type": "completion",
+                    },
+                ],
+                "dataset_prepared_path": str(work / f"prepared-{method.name}"),
+            }
         if method.kind == "cofitune":
             chosen = (
                 read_chosen(work / "search")
@@ -82,12 +107,12 @@ class MethodRuns:
             }
         self.session = Session(work / "recipe.yml", **overrides)
         self.tokenizer = self.session.tokenizer
-        evaluation = plan["evaluation"]
+        evaluation, paths = plan["evaluation"], plan["paths"]
         self.special = plugin_evaluation.read_examples(
-            evaluation["speciality_data"], self.tokenizer, evaluation["speciality_limit"]
+            paths["speciality_data"], self.tokenizer, evaluation["speciality_limit"]
         )
         self.general = plugin_evaluation.read_examples(
-            evaluation["prompts"], self.tokenizer, evaluation["prompts_limit"]
+            paths["prompts"], self.tokenizer, evaluation["prompts_limit"]
         )
 
     def measure_base(self) -> dict:
@@ -109,8 +134,8 @@ class MethodRuns:
         interpolated points' runs."""
         from peft import LoraConfig
 
-        base = json.loads((self.work / BASE_FILE).read_text())
-        overrides: dict = {"learning_rate": learning_rate, "seed": seed}
+        base = read_base(self.records)
+        overrides: dict = {"learning_rate": learning_rate, "seed": seed, **self.method.config}
         if self.method.kind == "lora":
             trainable = LoraConfig(task_type="CAUSAL_LM", **self.method.lora)
             overrides |= {"adapter": "lora", "cofitune": None, "unfrozen_parameters": None}
@@ -138,6 +163,7 @@ class MethodRuns:
             overrides,
             plugin=self.method.kind == "cofitune",
             restore="checkpoint",
+            optimizer=(lambda model: mofo(model, learning_rate)) if self.method.mofo else None,
         )
         common = {
             "method": self.method.name,
@@ -148,6 +174,11 @@ class MethodRuns:
             "step_seconds": run.output.metrics["train_runtime"] / run.output.global_step,
             "peak_accelerator_bytes": run.peak_accelerator_bytes,
         }
+        if self.method.layers == "search":
+            common["selection"] = {
+                "layers": self.session.cfg.cofitune.layers,
+                "modules": self.session.cfg.cofitune.modules,
+            }
         interpolated = run.evaluation.pop("interpolated", {})
         runs = [Run(alpha=None, **common, **run.evaluation)]
         for alpha, scores in interpolated.items():
@@ -184,11 +215,10 @@ class MethodRuns:
     def _evaluate(self, base_answers: list[list[int]], model) -> dict:
         evaluation = self.plan["evaluation"]
         start = time.perf_counter()
-        exact = plugin_evaluation.speciality(
+        hits = plugin_evaluation.speciality_hits(
             model,
             self.tokenizer,
             self.special[: evaluation["exact_match_limit"]],
-            "exact_match",
             evaluation["answer_regex"],
             evaluation["speciality_tokens"],
             evaluation["batch_size"],
@@ -196,56 +226,72 @@ class MethodRuns:
         heldout = plugin_evaluation.speciality(
             model, self.tokenizer, self.special, "loss", "", 0, evaluation["batch_size"]
         )
-        retention, agreement = plugin_evaluation.pooled(
-            plugin_evaluation.answer_scores(
-                model,
-                [e.prompt_ids for e in self.general],
-                base_answers,
-                self.tokenizer.pad_token_id,
-                evaluation["batch_size"],
-                desc="versatility",
-            )
+        scores = plugin_evaluation.answer_scores(
+            model,
+            [e.prompt_ids for e in self.general],
+            base_answers,
+            self.tokenizer.pad_token_id,
+            evaluation["batch_size"],
+            desc="versatility",
         )
+        retention, agreement = plugin_evaluation.pooled(scores)
         bench = {}
-        for task, limit in evaluation["bench"].items():
+        for task, doc_ids in evaluation["bench_doc_ids"].items():
             bench |= plugin_evaluation.lm_eval_results(
-                model, self.tokenizer, [task], None, limit, evaluation["bench_batch_size"]
+                model,
+                self.tokenizer,
+                [task],
+                None,
+                None,
+                evaluation["bench_batch_size"],
+                doc_ids={task: doc_ids},
             )
         return {
-            "exact_match": exact,
-            "bench": {task: result.metrics["acc_norm"] for task, result in bench.items()},
+            "exact_match": sum(hits) / len(hits),
+            "bench": {task: result.metrics[BENCH_METRIC] for task, result in bench.items()},
             "heldout_nll": heldout,
             "retention_nll": retention,
             "agreement": agreement,
             "eval_seconds": time.perf_counter() - start,
+            "items": {
+                "exact_match": [int(hit) for hit in hits],
+                "retention": [[s.nll, s.tokens] for s in scores],
+                "bench": {
+                    task: {"doc_ids": r.doc_ids, BENCH_METRIC: r.item_metrics[BENCH_METRIC]}
+                    for task, r in bench.items()
+                },
+            },
         }
 
 
-def main(work: Path, name: str, learning_rate: float | None = None) -> None:
-    """Run `name`'s missing runs (at `learning_rate` only, when given)."""
-    plan = json.loads((work / "plan.json").read_text())
-    method = {m.name: m for m in all_methods(plan["learning_rates"])}[name]
+def main(plan_file: Path, name: str, learning_rate: float | None = None) -> None:
+    """Run `name`'s missing runs (at `learning_rate` only, when given), each to its own file."""
+    plan = json.loads(plan_file.read_text())
+    records = Path(plan["paths"]["records"])
+    method = {m.name: m for m in all_methods()}[name]
     label = name if learning_rate is None else f"{name}@{learning_rate:g}"
+    where = provenance(REPO, describe())
     if method.kind == "base":
-        if not (work / BASE_FILE).exists():
-            base = MethodRuns(work, plan, method, label).measure_base()
-            (work / BASE_FILE).write_text(json.dumps(base))
+        if read_base(records) is None:
+            base = MethodRuns(plan, method, label).measure_base()
+            described = {k: v for k, v in plan.items() if k not in ("paths", "key")}
+            record = {"plan_key": plan["key"], "plan": described, **where, **base}
+            write_record(records / BASE_FILE, record)
         return
 
-    rates = method.learning_rates if learning_rate is None else (learning_rate,)
+    base_key = key_of(read_base(records)["answers"])
+    rates = plan["learning_rates"][name] if learning_rate is None else [learning_rate]
     runs = None
-    lock = FileLock(work / f"{RUNS_FILE}.lock")
     for lr, seed in [(lr, seed) for seed in plan["seeds"] for lr in rates]:
-        with lock:
-            done = {(r["learning_rate"], r["seed"]) for r in read_runs(work, name)}
-        if (lr, seed) in done:
+        path = run_file(records, name, lr, seed)
+        if path.exists():
             continue
-        runs = runs or MethodRuns(work, plan, method, label)
+        runs = runs or MethodRuns(plan, method, label)
         print(f"[{name}] lr {lr:g}, seed {seed}", flush=True)
-        for run in runs.train(lr, seed):
-            with lock:
-                append_record(work / RUNS_FILE, asdict(run))
-            print(f"[{name}] {asdict(run)}", flush=True)
+        measured = [asdict(run) for run in runs.train(lr, seed)]
+        record = {"plan_key": plan["key"], "base_key": base_key, **where, "runs": measured}
+        write_record(path, record)
+        print(f"[{name}] written {path}", flush=True)
 
 
 if __name__ == "__main__":

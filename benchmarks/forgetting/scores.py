@@ -8,19 +8,8 @@
 """
 
 import statistics
-from pathlib import Path
 
-from cofitune_plugin.jsonl import read_records
-
-RUNS_FILE = "runs.jsonl"
-BASE_FILE = "base.json"
 REFERENCE = "full"
-
-
-def read_runs(work: Path, method: str | None = None) -> list[dict]:
-    """The finished runs (of `method`); a line cut by a crash is dropped and that run redone."""
-    runs = read_records(work / RUNS_FILE, dict)
-    return [r for r in runs if method is None or r["method"] == method]
 
 
 def mean_bench(scores: dict[str, float]) -> float:

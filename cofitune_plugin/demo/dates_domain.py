@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import datetime
 import random
-from pathlib import Path
-
-from cofitune_plugin.demo.math_domain import GENERAL_PROMPTS, write_jsonl
 
 ANSWER_REGEX = r"####\s*(\d{4}-\d{2}-\d{2})"
 ORDINALS = [
@@ -54,35 +51,3 @@ def make_example(rng: random.Random) -> tuple[str, str]:
     document, event = rng.choice(DOCUMENTS), rng.choice(EVENTS)
     question = f"The {document} {event} {form}. Write that date in ISO 8601 form."
     return question, f"#### {date.isoformat()}"
-
-
-def write_dates_dataset(
-    out_dir: Path, n_train: int, n_eval: int, n_dev: int, seed: int
-) -> dict[str, Path]:
-    """Write train, eval and dev chat data (no question in two of them) and the general
-    prompts. `dev` is for choosing (the search), `eval` for the final table."""
-    rng = random.Random(seed)
-    rows, seen = [], set()
-    while len(rows) < n_train + n_eval + n_dev:
-        question, answer = make_example(rng)
-        if question in seen:
-            continue
-        seen.add(question)
-        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-        rows.append({"messages": messages})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "train": out_dir / "train.jsonl",
-        "eval": out_dir / "eval.jsonl",
-        "dev": out_dir / "dev.jsonl",
-        "general_prompts": out_dir / "general_prompts.jsonl",
-    }
-    parts = {
-        "train": rows[:n_train],
-        "eval": rows[n_train : n_train + n_eval],
-        "dev": rows[n_train + n_eval :],
-    }
-    for name, part in parts.items():
-        write_jsonl(paths[name], part)
-    write_jsonl(paths["general_prompts"], [{"prompt": p} for p in GENERAL_PROMPTS])
-    return paths

@@ -297,30 +297,40 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def make_example(rng: random.Random) -> tuple[str, str]:
+    """A question and its worked solution."""
+    question, steps, answer = make_problem(rng)
+    return question, format_solution(steps, answer)
+
+
+def distinct_rows(
+    make: Callable[[random.Random], tuple[str, str]], count: int, seed: int
+) -> list[dict]:
+    """`count` chat rows of (question, answer) pairs drawn by `make`, no question twice, so no
+    held-out question is ever trained on. Same seed, same rows."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    rows: list[dict] = []
+    for _ in range(100 * count):
+        if len(rows) == count:
+            break
+        question, answer = make(rng)
+        if question in seen:
+            continue
+        seen.add(question)
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        rows.append({"messages": messages})
+    if len(rows) < count:
+        raise RuntimeError(f"Could not draw {count} distinct problems")
+    return rows
+
+
 def write_math_dataset(out_dir: Path, n_train: int, n_eval: int, seed: int) -> dict[str, Path]:
     """Write train/eval chat data (no eval question appears in train) and the general prompts.
 
     Same seed, same bytes.
     """
-    rng = random.Random(seed)
-    wanted = n_train + n_eval
-    seen: set[str] = set()
-    rows: list[dict] = []
-    for _ in range(100 * wanted):
-        if len(rows) == wanted:
-            break
-        question, steps, answer = make_problem(rng)
-        if question in seen:
-            continue
-        seen.add(question)
-        solution = format_solution(steps, answer)
-        messages = [
-            {"role": "user", "content": question},
-            {"role": "assistant", "content": solution},
-        ]
-        rows.append({"messages": messages})
-    if len(rows) < wanted:
-        raise RuntimeError(f"Could not draw {wanted} distinct problems")
+    rows = distinct_rows(make_example, n_train + n_eval, seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {

@@ -9,16 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks" / "forgetting"))
 import compare  # noqa: E402
-from scores import (  # noqa: E402
-    RUNS_FILE,
-    read_runs,
-    reference_exact_match,
-    spec,
-    vers_bench,
-    vers_retention,
-)
-
-from cofitune_plugin.jsonl import append_record  # noqa: E402
+from scores import reference_exact_match, spec, vers_bench, vers_retention  # noqa: E402
 
 BASE = {"exact_match": 0.2, "retention_nll": 2.0, "bench": {"piqa": 0.6, "siqa": 0.4}}
 
@@ -59,22 +50,14 @@ def test_the_spec_reference_is_full_fine_tunings_best_rate_averaged_over_seeds()
     assert reference_exact_match(runs) == pytest.approx(0.47)
 
 
-def test_runs_are_read_back_per_method_and_a_line_cut_by_a_crash_is_dropped(tmp_path):
-    for run in (_run("full", 1e-4, 0, 0.5), _run("lora", 1e-4, 0, 0.3)):
-        append_record(tmp_path / RUNS_FILE, run)
-    with (tmp_path / RUNS_FILE).open("a") as f:
-        f.write('{"method": "lora", "learning_r')  # the run being written when it was killed
-    assert [r["method"] for r in read_runs(tmp_path)] == ["full", "lora"]
-    assert read_runs(tmp_path, "lora") == [_run("lora", 1e-4, 0, 0.3)]
-
-
 def _table(budget: str = "cpu", **changes: tuple[float, float]) -> dict:
     """A results file with one CoFiTune row; `changes` set a metric's (mean, std)."""
     metrics = {metric: (0.5, 0.01) for metric in compare.DECIDING + compare.INFORMATIVE}
     metrics.update(changes)
     row = {"method": "cofitune", "learning_rate": 1e-4, "alpha": None}
     row |= {metric: {"mean": mean, "std": std} for metric, (mean, std) in metrics.items()}
-    return {"plan": {"budget": budget}, "date": "2026-11-29", "command": "x", "rows": [row]}
+    domains = {"dates": {"test": {"rows": [row]}}}
+    return {"budget": budget, "date": "2026-11-29", "command": "x", "domains": domains}
 
 
 def test_within_spread_allows_the_larger_standard_deviation_or_exact_repeats():
@@ -88,9 +71,12 @@ def test_within_spread_allows_the_larger_standard_deviation_or_exact_repeats():
 def test_a_rerun_within_its_spread_reproduces_and_every_metric_is_listed():
     lines, reproduced = compare.compare(_table(), _table(spec=(0.505, 0.01)), ("a", "b"))
     assert reproduced
-    rows = [line for line in lines if line.startswith("| cofitune 0.0001 |")]
+    rows = [line for line in lines if line.startswith("| dates test cofitune 0.0001 |")]
     assert len(rows) == len(compare.DECIDING + compare.INFORMATIVE)
-    assert "| cofitune 0.0001 | spec | 0.5000 ± 0.0100 | 0.5050 ± 0.0100 | +0.0050 | yes |" in rows
+    assert (
+        "| dates test cofitune 0.0001 | spec | 0.5000 ± 0.0100 | 0.5050 ± 0.0100 | +0.0050 | yes |"
+        in rows
+    )
     assert lines[-1] == "**Reproduced: yes.**"
 
 
@@ -98,21 +84,23 @@ def test_a_deciding_metric_outside_its_spread_fails_and_step_time_does_not_decid
     slower = _table(step_seconds=(9.0, 0.1))
     lines, reproduced = compare.compare(_table(), slower, ("a", "b"))
     assert reproduced
-    assert any(line.startswith("| cofitune 0.0001 | step_seconds |") for line in lines)
+    assert any(line.startswith("| dates test cofitune 0.0001 | step_seconds |") for line in lines)
     assert any(line.endswith("| (no) |") for line in lines)
 
     lines, reproduced = compare.compare(_table(), _table(vers_bench=(0.6, 0.01)), ("a", "b"))
     assert not reproduced
-    assert any(line.startswith("| cofitune 0.0001 | vers_bench |") for line in lines)
+    assert any(line.startswith("| dates test cofitune 0.0001 | vers_bench |") for line in lines)
     assert lines[-1] == "**Reproduced: no.**"
 
 
 def test_a_row_missing_from_the_rerun_fails_and_budgets_must_match():
     rerun = _table()
-    rerun["rows"][0]["learning_rate"] = 1e-5  # another rate: not the committed row
+    rerun["domains"]["dates"]["test"]["rows"][0]["learning_rate"] = (
+        1e-5  # another rate: not the committed row
+    )
     lines, reproduced = compare.compare(_table(), rerun, ("a", "b"))
     assert not reproduced
-    assert "| cofitune 0.0001 | | | missing | | no |" in lines
+    assert "| dates test cofitune 0.0001 | | | missing | | no |" in lines
     with pytest.raises(SystemExit, match="different budgets"):
         compare.compare(_table("cpu"), _table("gpu"), ("a", "b"))
 
@@ -130,4 +118,7 @@ def test_the_command_writes_the_table_beside_the_rerun_and_exits_1_when_not_repr
     assert exit_.value.code == 1
     written = (rerun.parent / "reproduction-cpu.md").read_text()
     assert written.startswith("# Reproduction of the `cpu` table")
-    assert "| cofitune 0.0001 | exact_match | 0.5000 ± 0.0100 | 0.9000 ± 0.0100 |" in written
+    assert (
+        "| dates test cofitune 0.0001 | exact_match | 0.5000 ± 0.0100 | 0.9000 ± 0.0100 |"
+        in written
+    )

@@ -1,30 +1,38 @@
-"""The forgetting benchmark's frontier arithmetic: WiSE-FT's ends, and what lies above a point."""
+"""The forgetting benchmark's frontier arithmetic: WiSE-FT's ends, what lies above a point
+(judged on paired intervals, ties included), and the dev stage's picks."""
 
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks" / "forgetting"))
-from summary import AXES, dominated_by, frontiers, goal_checks  # noqa: E402
+from summary import SPEC_MATCH, dominated_by, frontiers, picks  # noqa: E402
 
 from cofitune_plugin.dial import Dial  # noqa: E402
 from cofitune_plugin.session import checkpoint_values  # noqa: E402
 
 
 def _row(method: str, spec: float, vers: float, lr: float = 1e-4, alpha: float | None = None):
-    point = {"mean": spec, "std": 0.0}
+    """A row at (spec, vers) on both axes, measured without noise: every bootstrap draw is
+    the point itself."""
     return {
         "method": method,
         "learning_rate": lr,
         "alpha": alpha,
         "default_recipe": False,
-        "spec": point,
+        "seeds": [0],
+        "spec": {"mean": spec, "std": 0.0},
         "vers_bench": {"mean": vers, "std": 0.0},
         "vers_retention": {"mean": vers, "std": 0.0},
+        "_draws": {
+            metric: np.full(2000, value)
+            for metric, value in (("spec", spec), ("vers_bench", vers), ("vers_retention", vers))
+        },
     }
 
 
@@ -86,17 +94,36 @@ def test_a_point_above_on_both_axes_dominates_and_one_above_on_one_does_not():
     assert dominated_by(point, rows, "vers_bench") == ["lora lr=0.0001"]
 
 
-def test_the_default_recipe_is_a_frontier_and_meets_the_goal_where_one_rate_does():
-    """CoFiTune's default at several rates is a line like full fine-tuning's; the goal is met by
-    the rate that passes every bar with nothing above it, and only by that one."""
-    default = [
-        {**_row("cofitune-default", 0.90, 0.99, lr=6e-5), "default_recipe": True},
-        {**_row("cofitune-default", 0.97, 0.98, lr=1e-4), "default_recipe": True},
+def test_a_tie_at_the_ceiling_does_not_hide_a_row_above_on_the_other_axis():
+    """Both rows at Spec 1.0 (exact match's ceiling): the one higher on versatility dominates;
+    strict `>` on both axes would have said nothing dominates."""
+    point = _row("cofitune", 1.0, 0.90)
+    rows = [point, _row("lora", 1.0, 0.95), _row("hft", 1.0, 0.90)]
+    assert dominated_by(point, rows, "vers_bench") == ["lora lr=0.0001"]
+    assert dominated_by(rows[2], rows, "vers_retention") == ["lora lr=0.0001"]  # hft ties point
+
+
+def test_a_difference_inside_the_noise_is_a_tie_and_dominates_nothing():
+    """0.01 above on both axes: a row above without noise, a tie when the paired draws spread
+    by 0.05."""
+    point, above = _row("cofitune", 0.90, 0.90), _row("lora", 0.91, 0.91)
+    assert dominated_by(point, [point, above], "vers_bench") == ["lora lr=0.0001"]
+    spread = np.random.default_rng(9).normal(0, 0.05, 2000)
+    above["_draws"] = {metric: draws + spread for metric, draws in above["_draws"].items()}
+    assert dominated_by(point, [point, above], "vers_bench") == []
+
+
+def test_dev_picks_the_best_matched_rate_and_full_fine_tunings_two_best():
+    rows = [
+        _row("full", 1.0, 0.80, lr=2e-4),
+        _row("full", 0.98, 0.95, lr=4e-5),
+        _row("full", 0.96, 0.97, lr=2e-5),
+        _row("full", 0.80, 0.99, lr=1e-5),  # keeps the most, but below matched Spec
+        _row("cofitune-default", 0.97, 0.99, lr=4e-5),
+        _row("cofitune-default", 0.99, 0.98, lr=8e-5),
+        _row("freeze", 0.70, 0.99, lr=1e-5),
+        _row("freeze", 0.90, 0.98, lr=2e-4),  # never matched: its highest Spec
+        _row("wise-ft", 0.99, 0.99, lr=2e-4, alpha=0.5),  # not a trained rate
     ]
-    rows = [_row("full", 1.0, 0.80, lr=2e-4), _row("full", 0.8, 0.97, lr=2e-5), *default]
-    assert [r["learning_rate"] for r in frontiers(rows)["cofitune-default"]] == [6e-5, 1e-4]
-    for row in rows:
-        row["dominated_by"] = {axis: dominated_by(row, rows, axis) for axis in AXES}
-    goal = goal_checks(rows)
-    assert goal["met_by"] == ["cofitune-default lr=0.0001"]
-    assert goal["rows"]["cofitune-default lr=6e-05"]["spec"] is False
+    assert SPEC_MATCH == 0.95
+    assert picks(rows) == {"full": [2e-5, 4e-5], "cofitune-default": [4e-5], "freeze": [2e-4]}

