@@ -1,6 +1,7 @@
 """Search trials as their own launches (`cofitune.search.trials: launch`): device groups, the
 in-process/launch choice, and, through the real `axolotl cofitune-search`, trials launched as
-2-process ZeRO-3 and FSDP2 jobs on CPU, two trials at once, a killed rank and a killed driver.
+2-process ZeRO-3 and FSDP2 jobs on CPU, two trials at once (on local device groups and as Ray
+Tune trials), a killed rank and a killed driver.
 
 Every search here trains the same two candidates (`ffn` in layers 0-3 and in 4-7) with plain
 SGD on equal-length texts, so one process of micro batch 2 and two of micro batch 1 take the
@@ -221,6 +222,35 @@ def test_two_trials_at_once_record_what_one_at_a_time_records(tmp_path, tiny_mod
     assert "auto: 2 group(s) of 1 process(es), one trial each" in output
     same_records(records(tmp_path / "at-once"), records(in_process))
     assert chosen(tmp_path / "at-once") == chosen(in_process)
+
+
+@pytest.mark.axolotl
+def test_trials_on_a_ray_instance_record_what_the_local_backend_records(
+    tmp_path, tiny_models, in_process
+):
+    """`backend: ray` on a Ray instance of the search's own (`ray_address: local`, 2 CPUs), each
+    trial a Ray Tune trial on a placement group of one CPU, both at once: the records, in
+    candidate order, and the choice are the in-process search's. With trials.jsonl deleted (a
+    driver killed after the scores files were written), the search started again collects
+    every record from the scores files and launches nothing."""
+    run_dir = tmp_path / "ray"
+    config = search_recipe(
+        run_dir, tiny_models["llama"], backend="ray", ray_address="local", cpu_trials_at_once=2
+    )
+    output = finish(start_search(config), config)
+    assert "cofitune.search.backend: ray: each trial a launch on a Ray placement group" in output
+    same_records(records(run_dir), records(in_process))
+    assert chosen(run_dir) == chosen(in_process)
+    logs = [run_dir / "search" / TRIALS_DIR / f"layers_{w}_modules_ffn" / LOG_FILE for w in WINDOWS]
+    for log in logs:
+        assert "CPU, 1 process(es)" in log.read_text()
+
+    (run_dir / "search" / "trials.jsonl").unlink()
+    output = finish(start_search(config), config)
+    assert "2 trials (0 run now" in output, output[-3000:]
+    same_records(records(run_dir), records(in_process))
+    for log in logs:
+        assert log.read_text().count("-m accelerate.commands.launch") == 1
 
 
 def wait_for(condition, what: str, driver: subprocess.Popen, timeout: float = 900) -> None:
