@@ -75,6 +75,22 @@ def test_trials_run_in_process_only_on_one_process_one_at_a_time_without_an_engi
         trial_mode({"fsdp_version": 2}, spec(trials="in_process"), one)
 
 
+def test_the_ray_backend_launches_every_trial_and_says_how_to_install_ray(monkeypatch):
+    from cofitune_plugin.ray_trials import connect
+
+    assert trial_mode({}, spec(backend="ray"), [DeviceGroup((), 1)]) == (
+        True,
+        "cofitune.search.backend: ray: each trial a launch on a Ray placement group",
+    )
+    with pytest.raises(ValueError, match=r"`backend: ray` .* set `trials: launch`"):
+        spec(backend="ray", trials="in_process")
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    with pytest.raises(
+        ValueError, match=r"backend: ray, but Ray is not installed .* cofitune-plugin\[ray\]"
+    ):
+        connect(spec(backend="ray"))
+
+
 def test_a_trial_config_is_the_recipe_with_the_candidates_selection_and_no_soft_mask(tmp_path):
     raw = {
         "learning_rate": 1e-4,
