@@ -91,6 +91,24 @@ def test_the_ray_backend_launches_every_trial_and_says_how_to_install_ray(monkey
         connect(spec(backend="ray"))
 
 
+@pytest.mark.parametrize(
+    ("keys", "node", "refusal"),
+    [
+        ({"gpus_per_trial": 9}, {"CPU": 64, "GPU": 8}, r"gpus_per_trial: 9, .* more than 8 GPU"),
+        ({"cpu_processes_per_trial": 4}, {"CPU": 2}, r"cpu_processes_per_trial: 4, .* 2 CPU"),
+    ],
+)
+def test_a_ray_trial_must_fit_one_node_of_the_cluster(monkeypatch, tmp_path, keys, node, refusal):
+    """A placement group is one node's: a trial larger than every node would wait forever."""
+    ray = pytest.importorskip("ray", reason="the `ray` extra (scripts/test.sh installs it)")
+    from cofitune_plugin import ray_trials
+
+    monkeypatch.setattr(ray_trials, "connect", lambda spec: None)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": node}])
+    with pytest.raises(ValueError, match=refusal):
+        ray_trials.RayTrials(spec(backend="ray", **keys), tmp_path)
+
+
 def test_a_trial_config_is_the_recipe_with_the_candidates_selection_and_no_soft_mask(tmp_path):
     raw = {
         "learning_rate": 1e-4,
@@ -249,6 +267,7 @@ def test_trials_on_a_ray_instance_record_what_the_local_backend_records(
     candidate order, and the choice are the in-process search's. With trials.jsonl deleted (a
     driver killed after the scores files were written), the search started again collects
     every record from the scores files and launches nothing."""
+    pytest.importorskip("ray", reason="the `ray` extra (scripts/test.sh installs it)")
     run_dir = tmp_path / "ray"
     config = search_recipe(
         run_dir, tiny_models["llama"], backend="ray", ray_address="local", cpu_trials_at_once=2
