@@ -117,7 +117,8 @@ class RayTrials:
         for result in tuner.fit():
             index = result.config["trial"]
             if result.error is not None:
-                LOG.warning("cofitune-search: Ray lost trial %s: %s", jobs[index], result.error)
+                name = jobs[index].trial_dir.name
+                LOG.warning("cofitune-search: Ray lost trial %s: %s", name, result.error)
                 with (jobs[index].trial_dir / LOG_FILE).open("a") as log:
                     log.write(f"\n# Ray: {result.error!r}\n")
             elif not result.metrics["scores_found"]:
