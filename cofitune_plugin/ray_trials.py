@@ -119,6 +119,7 @@ class RayTrials:
             if result.error is not None:
                 name = jobs[index].trial_dir.name
                 LOG.warning("cofitune-search: Ray lost trial %s: %s", name, result.error)
+                jobs[index].trial_dir.mkdir(parents=True, exist_ok=True)  # lost before it began
                 with (jobs[index].trial_dir / LOG_FILE).open("a") as log:
                     log.write(f"\n# Ray: {result.error!r}\n")
             elif not result.metrics["scores_found"]:
