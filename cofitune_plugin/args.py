@@ -10,6 +10,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from cofitune_plugin.datafiles import check_data_files
@@ -165,6 +166,19 @@ class SearchConfig(BaseModel):
     cpu_trials_at_once: int = Field(
         default=1, ge=1, description="Without a GPU: how many launched trials run at once."
     )
+    backend: Literal["local", "ray"] = Field(
+        default="local",
+        description="Where launched trials run: `local`, this machine's device groups; `ray`, "
+        "a Ray cluster, one Ray Tune trial per placement group of `gpus_per_trial` GPUs (on a "
+        "CPU, `cpu_processes_per_trial` CPUs). Needs `pip install cofitune-plugin[ray]`.",
+    )
+    ray_address: str | None = Field(
+        default=None,
+        description="With `backend: ray`: the cluster to join, as `ray.init` takes it (`auto`, "
+        "`HOST:PORT`, `ray://...`). Default: the cluster `ray start` started on this machine "
+        "(or RAY_ADDRESS), else a Ray instance of this search's own, sized like the local "
+        "backend; `local` always starts one.",
+    )
     device_memory_gib: float | None = Field(
         default=None,
         gt=0,
@@ -197,6 +211,15 @@ class SearchConfig(BaseModel):
             if level.windows == [] or level.modules == []:
                 raise ValueError(f"level {i + 1}: an empty list of windows or modules")
         return levels
+
+    @model_validator(mode="after")
+    def _backend(self) -> "SearchConfig":
+        if self.backend == "ray" and self.trials == "in_process":
+            raise ValueError(
+                "`backend: ray` runs each trial as its own launch on the cluster, but `trials: "
+                "in_process` keeps them in the search's process; set `trials: launch` (or auto)"
+            )
+        return self
 
     @field_validator("trial")
     @classmethod

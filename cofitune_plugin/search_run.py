@@ -40,6 +40,8 @@ from cofitune_plugin.search import (
 from cofitune_plugin.selection import select
 from cofitune_plugin.trial_launch import (
     LaunchedTrials,
+    LocalGroups,
+    TrialExecutor,
     device_groups,
     load_scored_model,
     trial_mode,
@@ -60,6 +62,8 @@ _SEARCH_NOT_IN_HEADER = (
     "cpu_processes_per_trial",
     "cpu_trials_at_once",
     "device_memory_gib",
+    "backend",
+    "ray_address",
 )
 
 
@@ -104,10 +108,9 @@ def search_command(config: str) -> str:
         return Candidate(window, modules, selection.layers, selection.numel)
 
     planned = min(check_levels(spec.levels, resolve), spec.max_trials or sys.maxsize)
-    gpus = visible_gpus()
-    groups = device_groups(spec, gpus)
-    launched, why = trial_mode(raw, spec, groups)
-    refuse = memory_refusal(raw, spec, meta_model, groups[0].processes, bool(gpus))
+    executor = trial_executor(spec, Path(output))
+    launched, why = trial_mode(raw, spec, executor.groups)
+    refuse = memory_refusal(raw, spec, meta_model, executor.groups[0].processes, executor.on_gpu)
     first = level_candidates(spec.levels[0], None, resolve)
     if all(refuse(c) for c in first):
         raise RecipeError(
@@ -121,7 +124,7 @@ def search_command(config: str) -> str:
     records.check_header(search_header(raw))
     records.check_versions(host_versions())
     if launched:
-        trials = LaunchedTrials(raw, spec, records, groups)
+        trials = LaunchedTrials(raw, spec, records, executor)
         base = records.base() or launched_base(config, spec, records)
     else:
         trials = SearchTrials(config, spec, records, planned)
@@ -173,17 +176,27 @@ def search_command(config: str) -> str:
     return f"{table}\n\n{summary}"
 
 
+def trial_executor(spec, directory: Path) -> TrialExecutor:
+    """Where launched trials would run: the Ray cluster (`backend: ray`, joined now), else this
+    machine's device groups."""
+    if spec.backend == "ray":
+        from cofitune_plugin.ray_trials import RayTrials
+
+        return RayTrials(spec, directory)
+    return LocalGroups(device_groups(spec, visible_gpus()))
+
+
 def memory_refusal(
     raw: dict, spec, meta_model, processes: int, on_gpu: bool
 ) -> Callable[[Candidate], str | None]:
     """Why a candidate may not start: its peak per device under the recipe's launcher on
     `processes` devices, as `axolotl cofitune-plan` estimates it (trials train without soft
     masks), over `device_memory_gib` (default: the smallest visible GPU's memory; no limit on
-    a CPU)."""
-    limit = spec.device_memory_gib
-    if limit is None and on_gpu:
-        import torch
+    a CPU, or where this process sees no GPU: a Ray driver on a CPU node)."""
+    import torch
 
+    limit = spec.device_memory_gib
+    if limit is None and on_gpu and torch.cuda.is_available():
         sizes = range(torch.cuda.device_count())
         limit = min(torch.cuda.get_device_properties(i).total_memory for i in sizes) / GIB
     if limit is None:

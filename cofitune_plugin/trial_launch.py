@@ -14,10 +14,12 @@ record it appends to trials.jsonl and deletes the trial's weights. A trial that 
 scores (a crash, an out-of-memory error, a killed rank) is recorded as failed with its exit
 status and log tail.
 
-Device groups: the visible GPUs split into groups of `gpus_per_trial` (without a GPU,
-`cpu_trials_at_once` groups of `cpu_processes_per_trial` processes); one trial per group runs at
-once, level by level. Records are appended in candidate order, whatever order the trials end
-in, so the records do not depend on how many trials ran at once.
+Where trials run is the executor's: `LocalGroups`, the visible GPUs split into groups of
+`gpus_per_trial` (without a GPU, `cpu_trials_at_once` groups of `cpu_processes_per_trial`
+processes), one trial per group at once, level by level; or `ray_trials.RayTrials`, a Ray
+cluster's placement groups. Both run the same `run_trial`. Records are appended in candidate
+order, whatever order the trials end in and wherever they ran, so the records do not depend on
+how many trials ran at once, nor where.
 
 A killed driver loses no finished trial: a trial's scores file exists before the driver reads
 it, and a restarted driver collects it instead of launching again. Each trial's processes
@@ -27,6 +29,7 @@ running waits for it rather than start it a second time.
 
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -34,11 +37,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Queue
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import yaml
@@ -54,6 +58,9 @@ LOG_FILE = "trial.log"
 SCORES_FILE = "scores.json"
 LOG_TAIL = 3000
 """Characters of a failed trial's log kept in its record."""
+LOG = logging.getLogger("axolotl.integrations.cofitune")
+"""plugin.LOG's logger (Axolotl shows INFO from loggers under "axolotl"), without importing
+Axolotl: Ray workers and the scorer run this module."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,8 @@ def trial_mode(raw: dict, spec: SearchConfig, groups: list[DeviceGroup]) -> tupl
                 "`trials: launch` (or auto)"
             )
         return False, "cofitune.search.trials: in_process"
+    if spec.backend == "ray":
+        return True, "cofitune.search.backend: ray: each trial a launch on a Ray placement group"
     if spec.trials == "launch":
         return True, "cofitune.search.trials: launch"
     if engines:
@@ -162,131 +171,185 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class LaunchedTrials:
-    """Runs a level's trials as launches, one per device group at once (see the module
-    docstring); the records it returns are appended in the order of the candidates given."""
+@dataclass(frozen=True)
+class TrialJob:
+    """One launched trial as whatever runs it sees it (a thread of the driver, or a Ray worker
+    on another node: plain data): its directory, the config it trains, and the directory its
+    processes start in (the recipe's relative paths are relative to it)."""
 
-    def __init__(
-        self, raw: dict, spec: SearchConfig, records: SearchRecords, groups: list[DeviceGroup]
-    ) -> None:
-        self.raw, self.spec, self.records, self.groups = raw, spec, records, groups
-        self.finished: list[TrialRecord] = []
-        self.collected: list[TrialRecord] = []  # scores an earlier driver's trial left
+    trial_dir: Path
+    config: dict
+    cwd: Path
 
-    def run(self, candidates: list[Candidate]) -> list[TrialRecord]:
+
+def run_trial(job: TrialJob, group: DeviceGroup, threads: str) -> int | None:
+    """Train and score one trial on `group`'s devices (`threads`: OMP_NUM_THREADS of each
+    process on a CPU): its launch, then its scorer, both writing to its log, which it holds
+    locked throughout, so a restarted driver waits on a trial of the killed one still running
+    instead of starting it twice. The exit status of the last process run, or None where the
+    scores of an earlier start were found instead."""
+    job.trial_dir.mkdir(parents=True, exist_ok=True)
+    log_path = job.trial_dir / LOG_FILE
+    with log_path.open("a") as log:
+        try:
+            fcntl.flock(log, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            LOG.info(
+                "cofitune-search: %s is still running from an earlier start; waiting", log_path
+            )
+            fcntl.flock(log, fcntl.LOCK_EX)
+        if (job.trial_dir / SCORES_FILE).is_file():
+            return None
+        config = job.trial_dir / CONFIG_FILE
+        config.write_text(yaml.safe_dump(job.config, sort_keys=False))
+        devices = f"GPUs {','.join(group.gpus)}" if group.gpus else "CPU"
+        where = f"{socket.gethostname()}, {devices}, {group.processes} process(es)"
+        LOG.info("cofitune-search: %s on %s", job.trial_dir.name, where)
+        log.write(f"\n# {where}\n")
+        environment = trial_environment(group, threads)
+        start = time.perf_counter()
+        status = _call(launch_command(config, group), log, environment, job.cwd)
+        if status == 0:
+            seconds = time.perf_counter() - start
+            score = [sys.executable, "-m", __name__, str(job.trial_dir), f"{seconds:.3f}"]
+            status = _call(score, log, environment, job.cwd)
+    return status
+
+
+def _call(command: list[str], log, environment: dict[str, str], cwd: Path) -> int:
+    """Run `command` with its output in `log`; its exit status."""
+    log.write(f"\n$ {' '.join(command)}\n")
+    log.flush()
+    return subprocess.run(
+        command, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=cwd, check=False
+    ).returncode
+
+
+def trial_environment(group: DeviceGroup, threads: str) -> dict[str, str]:
+    """A trial's environment: this process's, with the group's GPUs, or on a CPU `threads`."""
+    environment = dict(os.environ)
+    if group.gpus:
+        environment["CUDA_VISIBLE_DEVICES"] = ",".join(group.gpus)
+    else:
+        environment[THREADS_VARIABLE] = threads
+    return environment
+
+
+def threads_per_process(exported: str | None, cores: int, processes: int) -> str:
+    """OMP_NUM_THREADS of each CPU process of a trial: the one the user exported to the search,
+    which the plugin keeps as it keeps any, else an equal share of `cores` among the
+    `processes` that share them."""
+    return exported or str(max(1, cores // processes))
+
+
+class TrialExecutor(Protocol):
+    """Where launched trials run: this machine's device groups (`LocalGroups`) or a Ray
+    cluster (`ray_trials.RayTrials`)."""
+
+    groups: list[DeviceGroup]
+    """The groups trials run on at once (for Ray, the shape of one: Ray picks its GPUs)."""
+    on_gpu: bool
+
+    def start(self, jobs: list[TrialJob]) -> Iterator[int | None]:
+        """Start `jobs`; `run_trial`'s result for each, in their order."""
+        ...
+
+
+class LocalGroups:
+    """This machine's device groups, one trial per group at once."""
+
+    def __init__(self, groups: list[DeviceGroup]) -> None:
+        self.groups = groups
+        self.on_gpu = bool(groups[0].gpus)
+
+    def start(self, jobs: list[TrialJob]) -> Iterator[int | None]:
         free: Queue[DeviceGroup] = Queue()
         for group in self.groups:
             free.put(group)
+        processes = sum(g.processes for g in self.groups)
+        threads = threads_per_process(os.environ.get(THREADS_VARIABLE), usable_cores(), processes)
 
-        def on_a_free_group(candidate: Candidate) -> TrialRecord:
+        def on_a_free_group(job: TrialJob) -> int | None:
             group = free.get()
             try:
-                return self._run(candidate, group)
+                return run_trial(job, group, threads)
             finally:
                 free.put(group)
 
-        with ThreadPoolExecutor(len(self.groups)) as pool:
-            futures = [pool.submit(on_a_free_group, c) for c in candidates]
-            done = []
-            for future in futures:  # candidate order, whatever order they end in
-                record = future.result()
-                self.records.append(record)
-                done.append(record)
+        pool = ThreadPoolExecutor(len(self.groups))
+        futures = [pool.submit(on_a_free_group, job) for job in jobs]
+        pool.shutdown(wait=False)  # the queued trials still run
+        return (future.result() for future in futures)
+
+
+class LaunchedTrials:
+    """Runs a level's trials as launches on `executor` (see the module docstring); the records
+    it returns are appended in the order of the candidates given, by this process alone."""
+
+    def __init__(
+        self, raw: dict, spec: SearchConfig, records: SearchRecords, executor: TrialExecutor
+    ) -> None:
+        self.raw, self.spec, self.records, self.executor = raw, spec, records, executor
+        self.finished: list[TrialRecord] = []
+
+    def run(self, candidates: list[Candidate]) -> list[TrialRecord]:
+        jobs: dict[str, TrialJob] = {}
+        for candidate in candidates:  # scores an earlier driver's trial left need no launch
+            trial_dir = self._directory(candidate)
+            if not (trial_dir / SCORES_FILE).is_file():
+                jobs[candidate.key] = self._job(candidate, trial_dir)
+        statuses = self.executor.start(list(jobs.values()))
+        done = []
+        for candidate in candidates:  # candidate order, whatever order they end in
+            status = next(statuses) if candidate.key in jobs else None
+            record = self._record(candidate, status)
+            self.records.append(record)
+            done.append(record)
         return done
 
-    def _run(self, candidate: Candidate, group: DeviceGroup) -> TrialRecord:
-        from cofitune_plugin.plugin import LOG  # Axolotl's logger; the scorer never needs it
+    def _directory(self, candidate: Candidate) -> Path:
+        return self.records.directory.resolve() / TRIALS_DIR / trial_name(candidate)
 
-        trial_dir = self.records.directory / TRIALS_DIR / trial_name(candidate)
-        trial_dir.mkdir(parents=True, exist_ok=True)
-        log_path = trial_dir / LOG_FILE
-        with log_path.open("a") as log:
-            try:
-                fcntl.flock(log, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                LOG.info(
-                    "cofitune-search: %s is still running from an earlier start; waiting", log_path
-                )
-                fcntl.flock(log, fcntl.LOCK_EX)
-            if (record := self._collect(candidate, trial_dir)) is not None:
+    def _job(self, candidate: Candidate, trial_dir: Path) -> TrialJob:
+        LOG.info(
+            "cofitune-search: trial %s: layers %s, modules %s (%s parameters); log %s",
+            trial_name(candidate),
+            candidate.window,
+            candidate.modules,
+            f"{candidate.trainable:,}",
+            trial_dir / LOG_FILE,
+        )
+        config = trial_config(self.raw, self.spec, candidate, trial_dir)
+        return TrialJob(trial_dir, config, Path.cwd())
+
+    def _record(self, candidate: Candidate, status: int | None) -> TrialRecord:
+        """The trial's record from its scores file, or its failure (`status`: its exit
+        status; None where an earlier start's scores were found)."""
+        trial_dir = self._directory(candidate)
+        path = trial_dir / SCORES_FILE
+        if path.is_file():
+            record = TrialRecord.of(candidate, **json.loads(path.read_text()))
+            shutil.rmtree(trial_dir / "out", ignore_errors=True)  # scored: the weights go
+            if status is None:
                 LOG.info(
                     "cofitune-search: %s: scores found in %s, not run again",
                     candidate.key,
                     trial_dir,
                 )
-                self.collected.append(record)
-                return record
-            config = trial_dir / CONFIG_FILE
-            config.write_text(
-                yaml.safe_dump(
-                    trial_config(self.raw, self.spec, candidate, trial_dir), sort_keys=False
-                )
-            )
-            devices = f"GPUs {','.join(group.gpus)}" if group.gpus else "CPU"
-            LOG.info(
-                "cofitune-search: trial %s: layers %s, modules %s (%s parameters) on %s, %d "
-                "process(es); log %s",
-                trial_name(candidate),
-                candidate.window,
-                candidate.modules,
-                f"{candidate.trainable:,}",
-                devices,
-                group.processes,
-                log_path,
-            )
-            start = time.perf_counter()
-            status = self._call(launch_command(config, group), log, group)
-            if status == 0:
-                seconds = time.perf_counter() - start
-                score = [sys.executable, "-m", __name__, str(trial_dir), f"{seconds:.3f}"]
-                status = self._call(score, log, group)
-        record = self._collect(candidate, trial_dir)
-        if record is None:
-            tail = log_path.read_text(errors="replace")[-LOG_TAIL:]
-            record = TrialRecord.failure(
-                candidate, f"exit status {status}, no scores; {log_path} ends:\n{tail}"
-            )
-            LOG.warning(
-                "cofitune-search: trial %s failed (exit status %d); see %s",
-                candidate.key,
-                status,
-                log_path,
-            )
-        else:
-            shutil.rmtree(trial_dir / "out", ignore_errors=True)  # scored: the weights go
-            self.finished.append(record)
-        return record
-
-    def _call(self, command: list[str], log, group: DeviceGroup) -> int:
-        """Run `command` on `group`'s devices with its output in `log`; its exit status."""
-        log.write(f"\n$ {' '.join(command)}\n")
-        log.flush()
-        return subprocess.run(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=self._environment(group),
-            check=False,
-        ).returncode
-
-    def _environment(self, group: DeviceGroup) -> dict[str, str]:
-        """The launch's environment: its GPUs; without any, an equal share of the cores for
-        each process running at once (unless the user exported OMP_NUM_THREADS, which the
-        plugin then keeps, as it keeps any)."""
-        environment = dict(os.environ)
-        if group.gpus:
-            environment["CUDA_VISIBLE_DEVICES"] = ",".join(group.gpus)
-        elif THREADS_VARIABLE not in environment:
-            processes = sum(g.processes for g in self.groups)
-            environment[THREADS_VARIABLE] = str(max(1, usable_cores() // processes))
-        return environment
-
-    @staticmethod
-    def _collect(candidate: Candidate, trial_dir: Path) -> TrialRecord | None:
-        path = trial_dir / SCORES_FILE
-        if not path.is_file():
-            return None
-        return TrialRecord.of(candidate, **json.loads(path.read_text()))
+            else:
+                self.finished.append(record)
+            return record
+        log_path = trial_dir / LOG_FILE
+        tail = log_path.read_text(errors="replace")[-LOG_TAIL:] if log_path.is_file() else ""
+        LOG.warning(
+            "cofitune-search: trial %s failed (exit status %s); see %s",
+            candidate.key,
+            status,
+            log_path,
+        )
+        return TrialRecord.failure(
+            candidate, f"exit status {status}, no scores; {log_path} ends:\n{tail}"
+        )
 
 
 def load_scored_model(path: str | Path, trust_remote_code: bool = False):

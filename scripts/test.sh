@@ -19,9 +19,10 @@ venv=.venv
 [ "$axolotl" = 0.19 ] || venv=".venv-axolotl-$axolotl"
 # DeepSpeed (tests only), for tests/test_recipes.py (Axolotl builds a recipe's DeepSpeed config with it): a
 # source archive whose setup imports torch, so it builds against the torch setup.sh installed (pure
-# Python on CPU, about 30 s without a pip cache).
+# Python on CPU, about 30 s without a pip cache). Ray, for the search's Ray backend
+# (tests/test_trial_launch.py).
 "$venv/bin/pip" install -q --disable-pip-version-check -c "scripts/constraints/axolotl-$axolotl.txt" \
-  --no-build-isolation -e ".[deepspeed]"
+  --no-build-isolation -e ".[deepspeed,ray]"
 source scripts/offline.env
 source "$venv/bin/activate"  # `axolotl train` launches `accelerate` from PATH
 ruff check cofitune_plugin tests benchmarks

@@ -25,6 +25,7 @@ OFFLINE_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "WANDB_MODE": "disabled",
     "TOKENIZERS_PARALLELISM": "false",
+    "RAY_USAGE_STATS_ENABLED": "0",
 }
 AXOLOTL_VERSION = tuple(int(part) for part in version("axolotl").split(".")[:2])
 """The installed Axolotl's (major, minor): the tests run on both ends of the supported range."""

@@ -46,7 +46,14 @@ def test_new_weights_rescore_the_records_but_a_new_trial_budget_does_not():
 
 def test_where_and_how_many_at_once_trials_run_does_not_change_what_they_measure():
     header = search_header(RAW)
-    for key, value in (("trials", "launch"), ("cpu_trials_at_once", 2), ("gpus_per_trial", 2)):
+    where = (
+        ("trials", "launch"),
+        ("cpu_trials_at_once", 2),
+        ("gpus_per_trial", 2),
+        ("backend", "ray"),
+        ("ray_address", "auto"),
+    )
+    for key, value in where:
         assert search_header(_with(("cofitune", "search", key), value)) == header
 
 

@@ -1,6 +1,7 @@
 """Search trials as their own launches (`cofitune.search.trials: launch`): device groups, the
 in-process/launch choice, and, through the real `axolotl cofitune-search`, trials launched as
-2-process ZeRO-3 and FSDP2 jobs on CPU, two trials at once, a killed rank and a killed driver.
+2-process ZeRO-3 and FSDP2 jobs on CPU, two trials at once (on local device groups and as Ray
+Tune trials), a killed rank and a killed driver.
 
 Every search here trains the same two candidates (`ffn` in layers 0-3 and in 4-7) with plain
 SGD on equal-length texts, so one process of micro batch 2 and two of micro batch 1 take the
@@ -72,6 +73,40 @@ def test_trials_run_in_process_only_on_one_process_one_at_a_time_without_an_engi
     assert trial_mode({}, spec(trials="launch"), one)[0]
     with pytest.raises(ValueError, match=r"trials: in_process .* \['fsdp_version'\]"):
         trial_mode({"fsdp_version": 2}, spec(trials="in_process"), one)
+
+
+def test_the_ray_backend_launches_every_trial_and_says_how_to_install_ray(monkeypatch):
+    from cofitune_plugin.ray_trials import connect
+
+    assert trial_mode({}, spec(backend="ray"), [DeviceGroup((), 1)]) == (
+        True,
+        "cofitune.search.backend: ray: each trial a launch on a Ray placement group",
+    )
+    with pytest.raises(ValueError, match=r"`backend: ray` .* set `trials: launch`"):
+        spec(backend="ray", trials="in_process")
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    with pytest.raises(
+        ValueError, match=r"backend: ray, but Ray is not installed .* cofitune-plugin\[ray\]"
+    ):
+        connect(spec(backend="ray"))
+
+
+@pytest.mark.parametrize(
+    ("keys", "node", "refusal"),
+    [
+        ({"gpus_per_trial": 9}, {"CPU": 64, "GPU": 8}, r"gpus_per_trial: 9, .* more than 8 GPU"),
+        ({"cpu_processes_per_trial": 4}, {"CPU": 2}, r"cpu_processes_per_trial: 4, .* 2 CPU"),
+    ],
+)
+def test_a_ray_trial_must_fit_one_node_of_the_cluster(monkeypatch, tmp_path, keys, node, refusal):
+    """A placement group is one node's: a trial larger than every node would wait forever."""
+    ray = pytest.importorskip("ray", reason="the `ray` extra (scripts/test.sh installs it)")
+    from cofitune_plugin import ray_trials
+
+    monkeypatch.setattr(ray_trials, "connect", lambda spec: None)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": node}])
+    with pytest.raises(ValueError, match=refusal):
+        ray_trials.RayTrials(spec(backend="ray", **keys), tmp_path)
 
 
 def test_a_trial_config_is_the_recipe_with_the_candidates_selection_and_no_soft_mask(tmp_path):
@@ -221,6 +256,36 @@ def test_two_trials_at_once_record_what_one_at_a_time_records(tmp_path, tiny_mod
     assert "auto: 2 group(s) of 1 process(es), one trial each" in output
     same_records(records(tmp_path / "at-once"), records(in_process))
     assert chosen(tmp_path / "at-once") == chosen(in_process)
+
+
+@pytest.mark.axolotl
+def test_trials_on_a_ray_instance_record_what_the_local_backend_records(
+    tmp_path, tiny_models, in_process
+):
+    """`backend: ray` on a Ray instance of the search's own (`ray_address: local`, 2 CPUs), each
+    trial a Ray Tune trial on a placement group of one CPU, both at once: the records, in
+    candidate order, and the choice are the in-process search's. With trials.jsonl deleted (a
+    driver killed after the scores files were written), the search started again collects
+    every record from the scores files and launches nothing."""
+    pytest.importorskip("ray", reason="the `ray` extra (scripts/test.sh installs it)")
+    run_dir = tmp_path / "ray"
+    config = search_recipe(
+        run_dir, tiny_models["llama"], backend="ray", ray_address="local", cpu_trials_at_once=2
+    )
+    output = finish(start_search(config), config)
+    assert "cofitune.search.backend: ray: each trial a launch on a Ray placement group" in output
+    same_records(records(run_dir), records(in_process))
+    assert chosen(run_dir) == chosen(in_process)
+    logs = [run_dir / "search" / TRIALS_DIR / f"layers_{w}_modules_ffn" / LOG_FILE for w in WINDOWS]
+    for log in logs:
+        assert "CPU, 1 process(es)" in log.read_text()
+
+    (run_dir / "search" / "trials.jsonl").unlink()
+    output = finish(start_search(config), config)
+    assert "2 trials (0 run now" in output, output[-3000:]
+    same_records(records(run_dir), records(in_process))
+    for log in logs:
+        assert log.read_text().count("-m accelerate.commands.launch") == 1
 
 
 def wait_for(condition, what: str, driver: subprocess.Popen, timeout: float = 900) -> None:
