@@ -62,8 +62,9 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
     """Compute unit importance for CONFIG's model with cofitune.soft_mask.estimator on
     cofitune.soft_mask.datasets (default: the training datasets), its first max_batches
     batches, and write importance.safetensors + manifest.json. Under a multi-process
-    launcher each rank loads the whole model and takes its share of the same batches; the
-    artifact is the one-process one."""
+    launcher each rank takes its share of the same batches, with the whole model or, for a
+    DeepSpeed ZeRO-3 recipe, with its partition of it, gathered layer by layer as in training;
+    the artifact is the one-process one."""
     from axolotl.cli.config import load_cfg
     from axolotl.common.datasets import load_datasets
     from axolotl.train import setup_model_and_trainer
@@ -77,11 +78,14 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
         model_manifest,
         save_importance,
     )
+    from cofitune_plugin.memory_plan import zero_optimization
     from cofitune_plugin.selection import find_decoder_layers
+    from cofitune_plugin.sharded import sampled_values
 
     # Check the block before anything loads; the recipe's masks do not exist yet, so the model is
     # then loaded without them, on the importance data.
-    recipe = check_recipe(yaml.safe_load(Path(config).read_text()))
+    raw = yaml.safe_load(Path(config).read_text())
+    recipe = check_recipe(raw)
     soft_mask = recipe.soft_mask if recipe else None
     if soft_mask is None:
         raise RecipeError(
@@ -94,21 +98,25 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
             f"{output} already holds an importance; pass --overwrite or choose --output"
         )
     # Unpacked batches (the KL must not mix packed samples) and checkpointing that lets
-    # `autograd.grad` reach the gates (reentrant checkpointing hides them). The gates need whole
-    # layers and no optimizer ever steps, so the model is loaded unsharded: a ZeRO-3 recipe's
-    # model would otherwise be partitioned at load, with no engine to gather it for the passes.
+    # `autograd.grad` reach the gates (reentrant checkpointing hides them). A DeepSpeed ZeRO-3
+    # recipe keeps its `deepspeed` key: the model loads partitioned and an engine without
+    # optimizer gathers its layers for the passes, so no rank holds it whole. Under the other
+    # launchers every rank holds the weights whole anyway (ZeRO-2, DDP) or could (FSDP2: not
+    # built), so the model is loaded whole and the engines' keys are cleared.
+    partitioned = zero_optimization(raw).get("stage") == 3
     overrides: dict = {
         "cofitune__soft_mask": None,
         "cofitune__from_search": None,  # importance covers every layer, whatever is chosen
         "sample_packing": False,
         "gradient_checkpointing_kwargs__use_reentrant": False,
-        **dict.fromkeys(LAUNCHER_KEYS),  # importance runs the whole model
+        **{key: None for key in LAUNCHER_KEYS if not (partitioned and key == "deepspeed")},
     }
     if soft_mask.datasets:
         overrides["datasets"] = soft_mask.datasets
     cfg = load_cfg(config, **overrides)
     dataset_meta = load_datasets(cfg=cfg)
     trainer, model, *_ = setup_model_and_trainer(cfg, dataset_meta)
+    gather = _zero3_inference(trainer) if partitioned else None
 
     text_config = model.config.get_text_config()
     architecture = architecture_for(text_config.model_type)
@@ -122,7 +130,7 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
         max_batches or soft_mask.max_batches,
     )
     manifest = {
-        **model_manifest(model, architecture, layer_prefix),
+        **model_manifest(model, architecture, layer_prefix, sampled_values),
         "base_model": cfg.base_model,
         "data_fingerprint": data_fingerprint(batches),
         "sequence_len": cfg.sequence_len,
@@ -149,6 +157,7 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
         estimator=soft_mask.estimator,
         dropout=soft_mask.dropout,
         seed=seed,
+        gather=gather,
     )
     seconds = time.perf_counter() - start
     if trainer.accelerator.is_main_process:
@@ -163,6 +172,19 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
             output,
         )
     trainer.accelerator.wait_for_everyone()  # no rank exits before the artifact exists
+
+
+def _zero3_inference(trainer: Any) -> Any:
+    """Wrap the trainer's ZeRO-3-partitioned model in a DeepSpeed engine without optimizer, as
+    the Hugging Face Trainer does to evaluate: the engine's hooks gather each layer's weights
+    for its forward (and backward) and release them after. Returns the `Gather` for the weights
+    read outside a forward (`importance.compute_importance`)."""
+    import deepspeed
+    from transformers.integrations.deepspeed import deepspeed_init
+
+    deepspeed_init(trainer, num_training_steps=0, inference=True)
+    trainer.model_wrapped = trainer.accelerator.prepare(trainer.model)
+    return deepspeed.zero.GatheredParameters
 
 
 @click.command("cofitune-search")
