@@ -16,6 +16,7 @@ from typing import Any
 import click
 import yaml
 
+from cofitune_plugin.importance import Partitioned
 from cofitune_plugin.plugin import LOG, importance_dirs
 
 
@@ -92,6 +93,17 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
             f"{config}: `cofitune-importance` needs `cofitune.soft_mask.importance: DIR` (with "
             "`plugins: [cofitune_plugin.CoFiTunePlugin]` and `adapter: cofitune`)"
         )
+    zero3 = zero_optimization(raw).get("stage") == 3
+    if zero3 and soft_mask.estimator == "das":
+        # measured on 2 ranks: ZeRO-3's hooks release no layer in a backward through two
+        # forward passes, so each rank would hold its partition plus the whole model
+        raise RecipeError(
+            f"{config}: `cofitune.soft_mask.estimator: das` cannot run on DeepSpeed ZeRO-3 "
+            "partitions (its backward through two forward passes keeps every layer gathered on "
+            "every rank). Use `estimator: activation` (the default) or `fisher`, which run "
+            "partitioned; or compute the das importance with a copy of this recipe without "
+            "`deepspeed`, where the model fits one device whole, then train with this one."
+        )
     output = output or importance_dirs(soft_mask.importance)[0]
     if (output / MANIFEST_FILE).exists() and not overwrite:
         raise click.ClickException(
@@ -103,20 +115,19 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
     # optimizer gathers its layers for the passes, so no rank holds it whole. Under the other
     # launchers every rank holds the weights whole anyway (ZeRO-2, DDP) or could (FSDP2: not
     # built), so the model is loaded whole and the engines' keys are cleared.
-    partitioned = zero_optimization(raw).get("stage") == 3
     overrides: dict = {
         "cofitune__soft_mask": None,
         "cofitune__from_search": None,  # importance covers every layer, whatever is chosen
         "sample_packing": False,
         "gradient_checkpointing_kwargs__use_reentrant": False,
-        **{key: None for key in LAUNCHER_KEYS if not (partitioned and key == "deepspeed")},
+        **{key: None for key in LAUNCHER_KEYS if not (zero3 and key == "deepspeed")},
     }
     if soft_mask.datasets:
         overrides["datasets"] = soft_mask.datasets
     cfg = load_cfg(config, **overrides)
     dataset_meta = load_datasets(cfg=cfg)
     trainer, model, *_ = setup_model_and_trainer(cfg, dataset_meta)
-    gather = _zero3_inference(trainer) if partitioned else None
+    partitioned = _zero3_inference(trainer) if zero3 else None
 
     text_config = model.config.get_text_config()
     architecture = architecture_for(text_config.model_type)
@@ -157,7 +168,7 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
         estimator=soft_mask.estimator,
         dropout=soft_mask.dropout,
         seed=seed,
-        gather=gather,
+        partitioned=partitioned,
     )
     seconds = time.perf_counter() - start
     if trainer.accelerator.is_main_process:
@@ -174,17 +185,16 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
     trainer.accelerator.wait_for_everyone()  # no rank exits before the artifact exists
 
 
-def _zero3_inference(trainer: Any) -> Any:
+def _zero3_inference(trainer: Any) -> Partitioned:
     """Wrap the trainer's ZeRO-3-partitioned model in a DeepSpeed engine without optimizer, as
     the Hugging Face Trainer does to evaluate: the engine's hooks gather each layer's weights
-    for its forward (and backward) and release them after. Returns the `Gather` for the weights
-    read outside a forward (`importance.compute_importance`)."""
+    for its forward (and backward) and release them after."""
     import deepspeed
     from transformers.integrations.deepspeed import deepspeed_init
 
     deepspeed_init(trainer, num_training_steps=0, inference=True)
-    trainer.model_wrapped = trainer.accelerator.prepare(trainer.model)
-    return deepspeed.zero.GatheredParameters
+    engine = trainer.model_wrapped = trainer.accelerator.prepare(trainer.model)
+    return Partitioned(deepspeed.zero.GatheredParameters, engine.empty_partition_cache)
 
 
 @click.command("cofitune-search")

@@ -28,9 +28,9 @@ many there are (`das` seeds its noise from (seed, the batch's index in the data)
 split the batches between them and sum what they got give one process's importance, up to the
 order of float additions. Under a multi-process launcher every rank lays out the same batches
 (`global_batches`) and computes every world-size-th of them, with the whole model or, under
-DeepSpeed ZeRO-3, with a model whose weights are partitioned over the ranks (`gather`): the
-engine's hooks gather each layer for the passes, as in training, and only the weight norms of
-the `activation` estimator are gathered here, one layer at a time.
+DeepSpeed ZeRO-3, with a model whose weights are partitioned over the ranks (`Partitioned`):
+the engine's hooks gather each layer for the passes, as in training, and only the weight norms
+of the `activation` estimator are gathered here, one layer at a time.
 
 This module is plain PyTorch and measures only: the CLI feeds it batches, and
 `importance_store.py` stores what it returns; the rule that turns it into masks (normalise,
@@ -64,9 +64,6 @@ DEFAULT_ESTIMATOR: Estimator = "activation"
 (`benchmarks/importance_stability.py`)."""
 NORMALIZATION: dict[str, str] = {"das": "tanh_z", "fisher": "rank", "activation": "rank"}
 """How each estimator's raw scores become I in [0, 1) (`softmask.normalize`)."""
-Gather = Callable[[list[Tensor]], AbstractContextManager]
-"""(parameters) -> a context in which they hold their whole values on every rank, entered by all
-ranks together (`deepspeed.zero.GatheredParameters`)."""
 DEFAULT_BATCHES = 16
 """Batches an importance run reads unless told otherwise (`soft_mask.max_batches`): chosen with
 `benchmarks/importance_stability.py`, where the default estimator's split halves of this many
@@ -94,6 +91,20 @@ class RawImportance:
 
     def tensors(self) -> dict[str, Tensor]:
         return {"head": self.head, "intermediate": self.intermediate, "output": self.output}
+
+
+@dataclass
+class Partitioned:
+    """A model whose weights are partitioned over the ranks, each rank holding a slice of every
+    weight (DeepSpeed ZeRO-3), and an engine whose hooks gather each layer's weights for its
+    forward and backward."""
+
+    gather: Callable[[list[Tensor]], AbstractContextManager]
+    """(parameters) -> a context in which they hold their whole values on every rank, entered by
+    all ranks together (`deepspeed.zero.GatheredParameters`)."""
+    release: Callable[[], None]
+    """Release every gathered weight (`DeepSpeedEngine.empty_partition_cache`): the engine's
+    hooks leave some gathered after a backward whose order differs from the forward's."""
 
 
 @dataclass
@@ -154,7 +165,7 @@ def compute_importance(
     dropout: float = 0.003,
     seed: int = 0,
     progress: bool = True,
-    gather: Gather | None = None,
+    partitioned: Partitioned | None = None,
 ) -> RawImportance:
     """Sum `estimator`'s score of every head, FFN neuron and FFN output over `batches`, divided
     by their non-pad token count.
@@ -183,11 +194,11 @@ def compute_importance(
     to the order of float additions. Progress shows on rank 0 only. Gradient checkpointing must
     be off or non-reentrant (reentrant checkpointing hides the gates from `autograd.grad`).
 
-    `gather` says the weights are partitioned over the ranks (DeepSpeed ZeRO-3, its engine's
-    hooks gathering each layer for the forward and backward): every pass is then collective, so
-    every rank runs as many as the rank with the most batches, the extra ones a batch with no
-    token counted; and the `activation` weight norms are read through `gather`, a layer's two
-    weights at a time. None: every rank holds the whole model.
+    With `partitioned` weights every pass is collective, so every rank runs as many as the rank
+    with the most batches, the extra ones a batch with no token counted; the gathered weights are
+    released after each batch, and the `activation` weight norms are read through
+    `partitioned.gather`, a layer's two weights at a time. None: every rank holds the whole
+    model.
     """
     if estimator not in ESTIMATORS:
         raise ImportanceError(
@@ -220,7 +231,7 @@ def compute_importance(
         model.train(estimator == "das")
         share = batch_share(len(batches))
         passes: list[int | None] = list(share)
-        if gather is not None:  # lockstep: the busiest rank's count, the rest counting nothing
+        if partitioned:  # lockstep: the busiest rank's count, the rest counting nothing
             passes += [None] * (len(range(0, len(batches), share.step)) - len(passes))
         shown = progress and share.start == 0  # rank 0's only
         no_graph = torch.no_grad() if estimator == "activation" else nullcontext()
@@ -229,7 +240,7 @@ def compute_importance(
                 inputs = _model_inputs(batches[0 if index is None else index], input_device)
                 keep = (inputs["attention_mask"] != 0) & (index is not None)
                 batch_tokens = int(keep.sum())
-                if batch_tokens == 0 and gather is None:
+                if batch_tokens == 0 and not partitioned:
                     continue
                 state.keep = keep
                 if estimator == "das":
@@ -246,6 +257,8 @@ def compute_importance(
                     torch.autograd.grad(_text_nll(model, inputs, keep), gates)
                 else:
                     model(**inputs, use_cache=False)
+                if partitioned:
+                    partitioned.release()
                 tokens += batch_tokens
     finally:
         for handle in handles:
@@ -258,7 +271,7 @@ def compute_importance(
     if tokens == 0:
         raise ImportanceError("cofitune importance: the data held no non-pad token")
     if estimator == "activation":
-        _times_fed_weight_norms(layers, n_heads, gather or _held)
+        _times_fed_weight_norms(layers, n_heads, partitioned.gather if partitioned else _held)
     return RawImportance(
         **{
             unit: torch.stack([layer.sums[unit].cpu() for layer in layers]) / tokens
@@ -417,12 +430,16 @@ def _on_output(layer: _HookedLayer, state: _Pass):
 
 
 def _held(params: list[Tensor]) -> AbstractContextManager:
-    """`Gather` for parameters that hold their values already."""
+    """`Partitioned.gather` for parameters that hold their values already."""
     return nullcontext()
 
 
 @torch.no_grad()
-def _times_fed_weight_norms(layers: list[_HookedLayer], n_heads: int, gather: Gather) -> None:
+def _times_fed_weight_norms(
+    layers: list[_HookedLayer],
+    n_heads: int,
+    gather: Callable[[list[Tensor]], AbstractContextManager],
+) -> None:
     """Scale each head's and neuron's activation energy by the squared norm of the weights its
     activation feeds: the head's columns of the output projection, the neuron's column of the
     down projection. (The FFN output dimensions feed the residual stream: their energy stands.)
