@@ -30,7 +30,7 @@ order of float additions. Under a multi-process launcher every rank lays out the
 (`global_batches`) and computes every world-size-th of them, with the whole model or, under
 DeepSpeed ZeRO-3, with a model whose weights are partitioned over the ranks (`Partitioned`):
 the engine's hooks gather each layer for the passes, as in training, and only the weight norms
-of the `activation` estimator are gathered here, one layer at a time.
+of the `activation` estimator are gathered here, one weight at a time.
 
 This module is plain PyTorch and measures only: the CLI feeds it batches, and
 `importance_store.py` stores what it returns; the rule that turns it into masks (normalise,
@@ -197,8 +197,7 @@ def compute_importance(
     With `partitioned` weights every pass is collective, so every rank runs as many as the rank
     with the most batches, the extra ones a batch with no token counted; the gathered weights are
     released after each batch, and the `activation` weight norms are read through
-    `partitioned.gather`, a layer's two weights at a time. None: every rank holds the whole
-    model.
+    `partitioned.gather`, one weight at a time. None: every rank holds the whole model.
     """
     if estimator not in ESTIMATORS:
         raise ImportanceError(
@@ -443,10 +442,13 @@ def _times_fed_weight_norms(
     """Scale each head's and neuron's activation energy by the squared norm of the weights its
     activation feeds: the head's columns of the output projection, the neuron's column of the
     down projection. (The FFN output dimensions feed the residual stream: their energy stands.)
-    Partitioned weights are gathered a layer at a time."""
+
+    Partitioned weights are gathered one at a time: DeepSpeed 0.18's gather of several waits
+    on the last one's all-gather only, so over gloo (CPU) the others' values could be read
+    before they arrive (measured: the first weight's norms were garbage, once `inf`)."""
     for layer in layers:
-        with gather([layer.attn_out.weight, layer.ffn_down.weight]):
-            for module, unit in ((layer.attn_out, "head"), (layer.ffn_down, "intermediate")):
+        for module, unit in ((layer.attn_out, "head"), (layer.ffn_down, "intermediate")):
+            with gather([module.weight]):
                 weight = module.weight
                 if tuple(weight.shape) != (module.out_features, module.in_features):
                     raise ImportanceError(
@@ -454,9 +456,9 @@ def _times_fed_weight_norms(
                         "which this model stores packed (4-bit); use `estimator: fisher`"
                     )
                 norms = weight.float().square().sum(0)  # per input column
-                if unit == "head":
-                    norms = norms.unflatten(0, (n_heads, -1)).sum(-1)
-                layer.sums[unit].mul_(norms.to(layer.sums[unit].device))
+            if unit == "head":
+                norms = norms.unflatten(0, (n_heads, -1)).sum(-1)
+            layer.sums[unit].mul_(norms.to(layer.sums[unit].device))
 
 
 @contextmanager
