@@ -15,7 +15,7 @@ hook registered before DeepSpeed's own, so before that module's weights are fetc
 The ZeRO-3 limits are scaled down to the model (`ZERO`): DeepSpeed's defaults keep up to 1e9
 parameters live, more than this model has, which would keep it whole.
 
-    python benchmarks/importance_partitioned.py   # writes benchmarks/results/importance-partitioned-cpu.json
+    python benchmarks/importance_partitioned.py   # results/importance-partitioned-cpu.json
 """
 
 import argparse
