@@ -93,7 +93,13 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
             f"{config}: `cofitune-importance` needs `cofitune.soft_mask.importance: DIR` (with "
             "`plugins: [cofitune_plugin.CoFiTunePlugin]` and `adapter: cofitune`)"
         )
-    zero3 = zero_optimization(raw).get("stage") == 3
+    try:
+        zero3 = zero_optimization(raw).get("stage") == 3
+    except FileNotFoundError as exc:
+        raise RecipeError(
+            f"{config}: `deepspeed: {raw['deepspeed']}` is no file here ({exc.strerror}); run "
+            "from the directory it is relative to (the recipes': the repository root)"
+        ) from None
     if zero3 and soft_mask.estimator == "das":
         # measured on 2 ranks: ZeRO-3's hooks release no layer in a backward through two
         # forward passes, so each rank would hold its partition plus the whole model

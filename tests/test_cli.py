@@ -85,6 +85,17 @@ def test_importance_command_refuses_das_on_zero3_partitions_before_loading(tmp_p
         importance_command.main([str(write_recipe(tmp_path, cfg))], standalone_mode=False)
 
 
+def test_importance_command_names_a_missing_deepspeed_file(tmp_path, tiny_models):
+    cfg = recipe(
+        tmp_path,
+        tiny_models["llama"],
+        cofitune=soft_mask_block(tmp_path / "importance"),
+        deepspeed="no/such/zero3.json",
+    )
+    with pytest.raises(RecipeError, match=r"`deepspeed: no/such/zero3.json` is no file here"):
+        importance_command.main([str(write_recipe(tmp_path, cfg))], standalone_mode=False)
+
+
 def test_search_stops_on_a_rank_before_reading_the_recipe(tmp_path, monkeypatch):
     """WORLD_SIZE is what every launcher (torchrun, `accelerate launch`) sets on its ranks; the
     recipe is not even read (it is not one), let alone a model loaded. (`cofitune-importance`
