@@ -16,6 +16,7 @@ from typing import Any
 import click
 import yaml
 
+from cofitune_plugin.importance import Partitioned
 from cofitune_plugin.plugin import LOG, importance_dirs
 
 
@@ -62,8 +63,9 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
     """Compute unit importance for CONFIG's model with cofitune.soft_mask.estimator on
     cofitune.soft_mask.datasets (default: the training datasets), its first max_batches
     batches, and write importance.safetensors + manifest.json. Under a multi-process
-    launcher each rank loads the whole model and takes its share of the same batches; the
-    artifact is the one-process one."""
+    launcher each rank takes its share of the same batches, with the whole model or, for a
+    DeepSpeed ZeRO-3 recipe, with its partition of it, gathered layer by layer as in training;
+    the artifact is the one-process one."""
     from axolotl.cli.config import load_cfg
     from axolotl.common.datasets import load_datasets
     from axolotl.train import setup_model_and_trainer
@@ -77,16 +79,36 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
         model_manifest,
         save_importance,
     )
+    from cofitune_plugin.memory_plan import zero_optimization
     from cofitune_plugin.selection import find_decoder_layers
+    from cofitune_plugin.sharded import sampled_values
 
     # Check the block before anything loads; the recipe's masks do not exist yet, so the model is
     # then loaded without them, on the importance data.
-    recipe = check_recipe(yaml.safe_load(Path(config).read_text()))
+    raw = yaml.safe_load(Path(config).read_text())
+    recipe = check_recipe(raw)
     soft_mask = recipe.soft_mask if recipe else None
     if soft_mask is None:
         raise RecipeError(
             f"{config}: `cofitune-importance` needs `cofitune.soft_mask.importance: DIR` (with "
             "`plugins: [cofitune_plugin.CoFiTunePlugin]` and `adapter: cofitune`)"
+        )
+    try:
+        zero3 = zero_optimization(raw).get("stage") == 3
+    except FileNotFoundError as exc:
+        raise RecipeError(
+            f"{config}: `deepspeed: {raw['deepspeed']}` is no file here ({exc.strerror}); run "
+            "from the directory it is relative to (the recipes': the repository root)"
+        ) from None
+    if zero3 and soft_mask.estimator == "das":
+        # measured on 2 ranks: ZeRO-3's hooks release no layer in a backward through two
+        # forward passes, so each rank would hold its partition plus the whole model
+        raise RecipeError(
+            f"{config}: `cofitune.soft_mask.estimator: das` cannot run on DeepSpeed ZeRO-3 "
+            "partitions (its backward through two forward passes keeps every layer gathered on "
+            "every rank). Use `estimator: activation` (the default) or `fisher`, which run "
+            "partitioned; or compute the das importance with a copy of this recipe without "
+            "`deepspeed`, where the model fits one device whole, then train with this one."
         )
     output = output or importance_dirs(soft_mask.importance)[0]
     if (output / MANIFEST_FILE).exists() and not overwrite:
@@ -94,21 +116,24 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
             f"{output} already holds an importance; pass --overwrite or choose --output"
         )
     # Unpacked batches (the KL must not mix packed samples) and checkpointing that lets
-    # `autograd.grad` reach the gates (reentrant checkpointing hides them). The gates need whole
-    # layers and no optimizer ever steps, so the model is loaded unsharded: a ZeRO-3 recipe's
-    # model would otherwise be partitioned at load, with no engine to gather it for the passes.
+    # `autograd.grad` reach the gates (reentrant checkpointing hides them). A DeepSpeed ZeRO-3
+    # recipe keeps its `deepspeed` key: the model loads partitioned and an engine without
+    # optimizer gathers its layers for the passes, so no rank holds it whole. Under the other
+    # launchers every rank holds the weights whole anyway (ZeRO-2, DDP) or could (FSDP2: not
+    # built), so the model is loaded whole and the engines' keys are cleared.
     overrides: dict = {
         "cofitune__soft_mask": None,
         "cofitune__from_search": None,  # importance covers every layer, whatever is chosen
         "sample_packing": False,
         "gradient_checkpointing_kwargs__use_reentrant": False,
-        **dict.fromkeys(LAUNCHER_KEYS),  # importance runs the whole model
+        **{key: None for key in LAUNCHER_KEYS if not (zero3 and key == "deepspeed")},
     }
     if soft_mask.datasets:
         overrides["datasets"] = soft_mask.datasets
     cfg = load_cfg(config, **overrides)
     dataset_meta = load_datasets(cfg=cfg)
     trainer, model, *_ = setup_model_and_trainer(cfg, dataset_meta)
+    partitioned = _zero3_inference(trainer) if zero3 else None
 
     text_config = model.config.get_text_config()
     architecture = architecture_for(text_config.model_type)
@@ -122,7 +147,7 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
         max_batches or soft_mask.max_batches,
     )
     manifest = {
-        **model_manifest(model, architecture, layer_prefix),
+        **model_manifest(model, architecture, layer_prefix, sampled_values),
         "base_model": cfg.base_model,
         "data_fingerprint": data_fingerprint(batches),
         "sequence_len": cfg.sequence_len,
@@ -149,6 +174,7 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
         estimator=soft_mask.estimator,
         dropout=soft_mask.dropout,
         seed=seed,
+        partitioned=partitioned,
     )
     seconds = time.perf_counter() - start
     if trainer.accelerator.is_main_process:
@@ -163,6 +189,18 @@ def importance(config: str, output: Path | None, max_batches: int | None, overwr
             output,
         )
     trainer.accelerator.wait_for_everyone()  # no rank exits before the artifact exists
+
+
+def _zero3_inference(trainer: Any) -> Partitioned:
+    """Wrap the trainer's ZeRO-3-partitioned model in a DeepSpeed engine without optimizer, as
+    the Hugging Face Trainer does to evaluate: the engine's hooks gather each layer's weights
+    for its forward (and backward) and release them after."""
+    import deepspeed
+    from transformers.integrations.deepspeed import deepspeed_init
+
+    deepspeed_init(trainer, num_training_steps=0, inference=True)
+    engine = trainer.model_wrapped = trainer.accelerator.prepare(trainer.model)
+    return Partitioned(deepspeed.zero.GatheredParameters, engine.empty_partition_cache)
 
 
 @click.command("cofitune-search")

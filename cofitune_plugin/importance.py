@@ -27,7 +27,10 @@ A batch's contribution depends on the batch alone, not on which process computes
 many there are (`das` seeds its noise from (seed, the batch's index in the data)). So ranks that
 split the batches between them and sum what they got give one process's importance, up to the
 order of float additions. Under a multi-process launcher every rank lays out the same batches
-(`global_batches`) and computes every world-size-th of them, each with the whole model.
+(`global_batches`) and computes every world-size-th of them, with the whole model or, under
+DeepSpeed ZeRO-3, with a model whose weights are partitioned over the ranks (`Partitioned`):
+the engine's hooks gather each layer for the passes, as in training, and only the weight norms
+of the `activation` estimator are gathered here, one weight at a time.
 
 This module is plain PyTorch and measures only: the CLI feeds it batches, and
 `importance_store.py` stores what it returns; the rule that turns it into masks (normalise,
@@ -37,7 +40,7 @@ combine, 1 - I per row) is `softmask.py`'s.
 import hashlib
 import itertools
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -88,6 +91,20 @@ class RawImportance:
 
     def tensors(self) -> dict[str, Tensor]:
         return {"head": self.head, "intermediate": self.intermediate, "output": self.output}
+
+
+@dataclass
+class Partitioned:
+    """A model whose weights are partitioned over the ranks, each rank holding a slice of every
+    weight (DeepSpeed ZeRO-3), and an engine whose hooks gather each layer's weights for its
+    forward and backward."""
+
+    gather: Callable[[list[Tensor]], AbstractContextManager]
+    """(parameters) -> a context in which they hold their whole values on every rank, entered by
+    all ranks together (`deepspeed.zero.GatheredParameters`)."""
+    release: Callable[[], None]
+    """Release every gathered weight (`DeepSpeedEngine.empty_partition_cache`): the engine's
+    hooks leave some gathered after a backward whose order differs from the forward's."""
 
 
 @dataclass
@@ -148,6 +165,7 @@ def compute_importance(
     dropout: float = 0.003,
     seed: int = 0,
     progress: bool = True,
+    partitioned: Partitioned | None = None,
 ) -> RawImportance:
     """Sum `estimator`'s score of every head, FFN neuron and FFN output over `batches`, divided
     by their non-pad token count.
@@ -175,6 +193,11 @@ def compute_importance(
     every rank returns the token-weighted mean over all batches, which equals one process's up
     to the order of float additions. Progress shows on rank 0 only. Gradient checkpointing must
     be off or non-reentrant (reentrant checkpointing hides the gates from `autograd.grad`).
+
+    With `partitioned` weights every pass is collective, so every rank runs as many as the rank
+    with the most batches, the extra ones a batch with no token counted; the gathered weights are
+    released after each batch, and the `activation` weight norms are read through
+    `partitioned.gather`, one weight at a time. None: every rank holds the whole model.
     """
     if estimator not in ESTIMATORS:
         raise ImportanceError(
@@ -205,21 +228,22 @@ def compute_importance(
                 layer.ffn_down.register_forward_hook(_on_output(layer, state)),
             ]
         model.train(estimator == "das")
-        indices = batch_share(len(batches))
-        shown = progress and indices.start == 0  # rank 0's only
+        share = batch_share(len(batches))
+        passes: list[int | None] = list(share)
+        if partitioned:  # lockstep: the busiest rank's count, the rest counting nothing
+            passes += [None] * (len(range(0, len(batches), share.step)) - len(passes))
+        shown = progress and share.start == 0  # rank 0's only
         no_graph = torch.no_grad() if estimator == "activation" else nullcontext()
         with _frozen(model), _forked_rng(model), no_graph:
-            for index in tqdm(
-                indices, desc=f"cofitune importance ({estimator})", disable=not shown
-            ):
-                inputs = _model_inputs(batches[index], input_device)
-                keep = inputs["attention_mask"] != 0
+            for index in tqdm(passes, desc=f"cofitune importance ({estimator})", disable=not shown):
+                inputs = _model_inputs(batches[0 if index is None else index], input_device)
+                keep = (inputs["attention_mask"] != 0) & (index is not None)
                 batch_tokens = int(keep.sum())
-                if batch_tokens == 0:
+                if batch_tokens == 0 and not partitioned:
                     continue
                 state.keep = keep
                 if estimator == "das":
-                    torch.manual_seed(_batch_seed(seed, index))
+                    torch.manual_seed(_batch_seed(seed, -1 if index is None else index))
                     logits1 = model(**inputs, use_cache=False).logits[keep].float()
                     logits2 = model(**inputs, use_cache=False).logits[keep].float()
                     loss = F.kl_div(
@@ -232,6 +256,8 @@ def compute_importance(
                     torch.autograd.grad(_text_nll(model, inputs, keep), gates)
                 else:
                     model(**inputs, use_cache=False)
+                if partitioned:
+                    partitioned.release()
                 tokens += batch_tokens
     finally:
         for handle in handles:
@@ -244,7 +270,7 @@ def compute_importance(
     if tokens == 0:
         raise ImportanceError("cofitune importance: the data held no non-pad token")
     if estimator == "activation":
-        _times_fed_weight_norms(layers, n_heads)
+        _times_fed_weight_norms(layers, n_heads, partitioned.gather if partitioned else _held)
     return RawImportance(
         **{
             unit: torch.stack([layer.sums[unit].cpu() for layer in layers]) / tokens
@@ -402,20 +428,34 @@ def _on_output(layer: _HookedLayer, state: _Pass):
     return hook
 
 
+def _held(params: list[Tensor]) -> AbstractContextManager:
+    """`Partitioned.gather` for parameters that hold their values already."""
+    return nullcontext()
+
+
 @torch.no_grad()
-def _times_fed_weight_norms(layers: list[_HookedLayer], n_heads: int) -> None:
+def _times_fed_weight_norms(
+    layers: list[_HookedLayer],
+    n_heads: int,
+    gather: Callable[[list[Tensor]], AbstractContextManager],
+) -> None:
     """Scale each head's and neuron's activation energy by the squared norm of the weights its
     activation feeds: the head's columns of the output projection, the neuron's column of the
-    down projection. (The FFN output dimensions feed the residual stream: their energy stands.)"""
+    down projection. (The FFN output dimensions feed the residual stream: their energy stands.)
+
+    Partitioned weights are gathered one at a time: DeepSpeed 0.18's gather of several waits
+    on the last one's all-gather only, so over gloo (CPU) the others' values could be read
+    before they arrive (measured: the first weight's norms were garbage, once `inf`)."""
     for layer in layers:
         for module, unit in ((layer.attn_out, "head"), (layer.ffn_down, "intermediate")):
-            weight = module.weight
-            if tuple(weight.shape) != (module.out_features, module.in_features):
-                raise ImportanceError(
-                    "cofitune: the `activation` importance estimator reads the weights, which "
-                    "this model stores packed (4-bit); use `estimator: fisher`"
-                )
-            norms = weight.float().square().sum(0)  # per input column
+            with gather([module.weight]):
+                weight = module.weight
+                if tuple(weight.shape) != (module.out_features, module.in_features):
+                    raise ImportanceError(
+                        "cofitune: the `activation` importance estimator reads the weights, "
+                        "which this model stores packed (4-bit); use `estimator: fisher`"
+                    )
+                norms = weight.float().square().sum(0)  # per input column
             if unit == "head":
                 norms = norms.unflatten(0, (n_heads, -1)).sum(-1)
             layer.sums[unit].mul_(norms.to(layer.sums[unit].device))

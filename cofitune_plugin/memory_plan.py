@@ -209,15 +209,21 @@ def model_shape(
     )
 
 
+def zero_optimization(recipe: Mapping[str, Any], root: Path = Path(".")) -> Mapping[str, Any]:
+    """The `zero_optimization` block of a recipe's `deepspeed` config (inline, or a JSON file
+    relative to `root`); empty without one."""
+    deepspeed = recipe.get("deepspeed") or {}
+    if not isinstance(deepspeed, Mapping):
+        deepspeed = json.loads((root / deepspeed).read_text())
+    return deepspeed.get("zero_optimization", {})
+
+
 def recipe_setup(recipe: Mapping[str, Any], devices: int, root: Path = Path(".")) -> Setup:
     """The launcher and dtypes an Axolotl recipe trains with on `devices` GPUs (DeepSpeed
     config paths relative to `root`)."""
     launcher: Launcher = "ddp" if devices > 1 else "single"
     if recipe.get("deepspeed"):
-        deepspeed = recipe["deepspeed"]
-        if not isinstance(deepspeed, Mapping):
-            deepspeed = json.loads((root / deepspeed).read_text())
-        zero = deepspeed.get("zero_optimization", {})
+        zero = zero_optimization(recipe, root)
         offload = (zero.get("offload_param") or {}).get("device") == "cpu"
         launcher = "zero3_offload" if offload else f"zero{zero.get('stage', 0)}"
         if launcher not in LAUNCHERS:

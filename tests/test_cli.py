@@ -71,6 +71,31 @@ def test_importance_command_needs_a_soft_mask_block(tmp_path, tiny_models):
         importance_command.main([str(write_recipe(tmp_path, cfg))], standalone_mode=False)
 
 
+def test_importance_command_refuses_das_on_zero3_partitions_before_loading(tmp_path, tiny_models):
+    """das's backward through two forwards keeps ZeRO-3's layers gathered: refused, naming the
+    key and the fix, before any model loads (no process group exists here)."""
+    zero3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}
+    cfg = recipe(
+        tmp_path,
+        tiny_models["llama"],
+        cofitune=soft_mask_block(tmp_path / "importance", estimator="das"),
+        deepspeed=zero3,
+    )
+    with pytest.raises(RecipeError, match=r"`cofitune.soft_mask.estimator: das` cannot run on"):
+        importance_command.main([str(write_recipe(tmp_path, cfg))], standalone_mode=False)
+
+
+def test_importance_command_names_a_missing_deepspeed_file(tmp_path, tiny_models):
+    cfg = recipe(
+        tmp_path,
+        tiny_models["llama"],
+        cofitune=soft_mask_block(tmp_path / "importance"),
+        deepspeed="no/such/zero3.json",
+    )
+    with pytest.raises(RecipeError, match=r"`deepspeed: no/such/zero3.json` is no file here"):
+        importance_command.main([str(write_recipe(tmp_path, cfg))], standalone_mode=False)
+
+
 def test_search_stops_on_a_rank_before_reading_the_recipe(tmp_path, monkeypatch):
     """WORLD_SIZE is what every launcher (torchrun, `accelerate launch`) sets on its ranks; the
     recipe is not even read (it is not one), let alone a model loaded. (`cofitune-importance`

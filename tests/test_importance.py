@@ -2,6 +2,8 @@
 scores for louder units, no side effects, and the same importance whether one process or two
 gloo ranks compute it."""
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -11,6 +13,7 @@ from cofitune_plugin.architectures import architecture_for
 from cofitune_plugin.importance import (
     ESTIMATORS,
     ImportanceError,
+    Partitioned,
     RawImportance,
     compute_importance,
 )
@@ -212,32 +215,56 @@ def test_gradient_checkpointing_replays_the_same_noise():
         assert torch.equal(tensor, checkpointed.tensors()[name]), name
 
 
-def _importance_on_rank(rank: int, rendezvous: str, data: list, out: str, estimator: str) -> None:
-    """One of two gloo ranks: the whole tiny llama, the same global batches; rank 0 saves."""
+def _importance_on_rank(
+    rank: int, rendezvous: str, data: list, out: str, estimator: str, lockstep: bool
+) -> None:
+    """One of two gloo ranks: the whole tiny llama, the same global batches; with `lockstep`,
+    as if its weights were partitioned (a stand-in `Partitioned` that gathers nothing and
+    counts the releases). Each rank saves what it computed and how many forwards it ran."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    model = tiny_model("llama")
+    forwards, released = [], []
+    model.register_forward_hook(lambda *_: forwards.append(rank))
+    partitioned = Partitioned(lambda params: nullcontext(), lambda: released.append(rank))
     try:
-        raw = importance_of(tiny_model("llama"), "llama", data=data, estimator=estimator)
+        raw = compute_importance(
+            model,
+            data,
+            architecture_for("llama"),
+            "model.layers",
+            estimator=estimator,
+            progress=False,
+            partitioned=partitioned if lockstep else None,
+        )
     finally:
         dist.destroy_process_group()
-    if rank == 0:
-        torch.save({**raw.tensors(), "tokens": raw.tokens}, out)
+    counts = {"forwards": len(forwards), "released": len(released)}
+    torch.save({**raw.tensors(), "tokens": raw.tokens, **counts}, f"{out}.{rank}")
 
 
+@pytest.mark.parametrize("lockstep", [False, True], ids=["whole", "partitioned"])
 @pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_two_gloo_ranks_compute_the_one_process_importance(tmp_path, estimator):
+def test_two_gloo_ranks_compute_the_one_process_importance(tmp_path, estimator, lockstep):
     """3 batches on 2 ranks (rank 0 takes batches 0 and 2, rank 1 batch 1): the same token
     count and the same tensors as one process, within float32 rounding of the sums, whose
     order differs ((b0 + b2) + b1 against (b0 + b1) + b2): rtol 1e-5, and atol 1e-6 of the
-    tensor's largest element for sums that cancel to near zero."""
+    tensor's largest element for sums that cancel to near zero. With partitioned weights
+    every forward is collective: rank 1 runs a second pass, over a batch with no token
+    counted, so both ranks run as many forwards, and release the gathered weights after each."""
     data = batches(n=3)
     out = tmp_path / "ranks.pt"
     rendezvous = str(tmp_path / "rendezvous")
-    mp.spawn(_importance_on_rank, args=(rendezvous, data, str(out), estimator), nprocs=2)
-    ranks = torch.load(out)
+    mp.spawn(_importance_on_rank, args=(rendezvous, data, str(out), estimator, lockstep), nprocs=2)
+    ranks = [torch.load(f"{out}.{rank}") for rank in (0, 1)]
+    per_pass = 2 if estimator == "das" else 1
+    passes = [2, 2] if lockstep else [2, 1]
+    assert [r.pop("forwards") for r in ranks] == [n * per_pass for n in passes]
+    assert [r.pop("released") for r in ranks] == (passes if lockstep else [0, 0])
     one = importance_of(tiny_model("llama"), "llama", data=data, estimator=estimator)
-    assert ranks.pop("tokens") == one.tokens
-    for name, tensor in one.tensors().items():
-        torch.testing.assert_close(
-            ranks[name], tensor, rtol=1e-5, atol=1e-6 * tensor.abs().max().item()
-        )
+    for rank in ranks:
+        assert rank.pop("tokens") == one.tokens
+        for name, tensor in one.tensors().items():
+            torch.testing.assert_close(
+                rank[name], tensor, rtol=1e-5, atol=1e-6 * tensor.abs().max().item()
+            )

@@ -23,7 +23,6 @@ from safetensors.torch import load_file
 from test_launchers import SELECTED, free_port
 
 from cofitune_plugin.args import SoftMaskConfig
-from cofitune_plugin.importance import ESTIMATORS
 from helpers import recipe, run_axolotl, soft_mask_block, write_equal_length_dataset, write_recipe
 
 HARNESS = Path(__file__).parent / "harness"
@@ -55,13 +54,13 @@ OFFLOAD = {"zero_stage": 3, "offload": ("optimizer", "param")}
 MAX_GRAD_NORM = 0.05
 
 
-def engine_settings(run_dir: Path, engine: str | None) -> dict:
+def engine_settings(run_dir: Path, engine: str | None, **zero_extra) -> dict:
     """`engine`'s recipe keys (none for one process); a DeepSpeed engine's config is written to
-    run_dir/zero.json."""
+    run_dir/zero.json (`zero_extra`: more of its `zero_optimization` keys)."""
     settings = dict({**ENGINES, "zero3-offload": OFFLOAD}.get(engine, {}))
     if stage := settings.pop("zero_stage", None):
         # ZeRO-3 saves the model only if asked to gather the partitions for it
-        zero = {"stage": stage, "gather_16bit_weights_on_model_save": True}
+        zero = {"stage": stage, "gather_16bit_weights_on_model_save": True, **zero_extra}
         config = {**ZERO_CONFIG, "zero_optimization": zero}
         if offload := settings.pop("offload", ()):
             zero |= {f"offload_{part}": {"device": "cpu"} for part in offload}
@@ -198,28 +197,52 @@ def test_flat_rows_pairs_every_element_of_a_partition_with_its_rows_factor():
             assert torch.equal(values, expected), (start, length)
 
 
+# ZeRO-3's limits on what a rank keeps gathered, scaled from a large model's (DeepSpeed's defaults
+# keep up to 1e9 parameters live and re-used within 1e9, more than this tiny model's 95k, which
+# would then stay gathered whole): each weight is released after its module's forward, and only
+# the norms (32 values) stay whole on every rank, as a 70B's norms do under the default threshold.
+PARTITIONING = ("zero3", "zero3-offload")
+PARTITIONED = {
+    "stage3_param_persistence_threshold": 100,
+    "stage3_prefetch_bucket_size": 0,
+    "stage3_max_live_parameters": 0,
+    "stage3_max_reuse_distance": 0,
+}
+
+
 def importance(run_dir: Path, model_dir: Path, engine: str | None, estimator: str) -> Path:
     """`axolotl cofitune-importance` with `estimator` over 3 batches (an odd count: rank 0
     takes 2, rank 1 one) of `engine`'s recipe, on 2 CPU processes through `accelerate launch`,
-    or on one process when `engine` is None. The recipe keeps the engine's keys; the command
-    clears them."""
+    or on one process when `engine` is None. The command clears the engine's keys, except a
+    ZeRO-3 recipe's `deepspeed` (run_dir/zero.json, with `PARTITIONED`): its model is then
+    partitioned. Each process records the parameter bytes it held (`parameter_probe.py`) in
+    run_dir/probe."""
     run_dir.mkdir()
-    settings = engine_settings(run_dir, engine)
+    (run_dir / "probe").mkdir()
+    settings = engine_settings(run_dir, engine, **(PARTITIONED if engine in PARTITIONING else {}))
     block = soft_mask_block(run_dir / "importance", estimator=estimator)
-    cfg = recipe(run_dir, model_dir, cofitune=block, **settings)
+    # Axolotl maps each rank's model to accelerator LOCAL_RANK; this keeps it on the CPU
+    cfg = recipe(run_dir, model_dir, cofitune=block, max_memory={"cpu": "64GiB"}, **settings)
     command = ("cofitune-importance", str(write_recipe(run_dir, cfg)), "--max-batches", "3")
+    env = {**harness_env(), "COFITUNE_PARAMETER_PROBE": str(run_dir / "probe")}
     if engine is None:
-        result = run_axolotl(*command, cwd=run_dir)
+        result = run_axolotl(*command, cwd=run_dir, env=env)
     else:
         launch = ("launch", "--multi_gpu", "--num_processes", "2", "--main_process_port")
         command = (*launch, str(free_port()), "-m", "axolotl.cli.main", *command)
-        result = run_axolotl(*command, cwd=run_dir, program="accelerate")
+        result = run_axolotl(*command, cwd=run_dir, program="accelerate", env=env)
     assert result.returncode == 0, result.stderr[-6000:]
     if engine is not None:  # the ranks joined and split the batches (else each ran all three)
         log = result.stdout + result.stderr
         for share in ("rank 0 of 2: batches [0, 2] of 3", "rank 1 of 2: batches [1] of 3"):
             assert f"cofitune: importance on {share}" in log, log[-3000:]
     return run_dir / "importance"
+
+
+def parameter_bytes(importance_dir: Path) -> dict[str, dict[str, int]]:
+    """What `parameter_probe.py` recorded for each rank of the run that wrote `importance_dir`."""
+    probes = sorted((importance_dir.parent / "probe").glob("rank-*.json"))
+    return {probe.stem: json.loads(probe.read_text()) for probe in probes}
 
 
 def one_process_importance(tmp_path_factory, model_dir: Path, estimator: str) -> Path:
@@ -235,9 +258,13 @@ def one_process_importance(tmp_path_factory, model_dir: Path, estimator: str) ->
 
 
 DEFAULT_ESTIMATOR = SoftMaskConfig.model_fields["estimator"].default
-# every engine with the default estimator; the others under ZeRO-3 (each launch costs a minute)
-IMPORTANCE_LAUNCHES = [(engine, DEFAULT_ESTIMATOR) for engine in ENGINES] + [
-    ("zero3", estimator) for estimator in ESTIMATORS if estimator != DEFAULT_ESTIMATOR
+# every engine with the default estimator, ZeRO-3 with offload too (the 70B recipe's); `fisher`
+# on ZeRO-3 partitions, `das` (refused on them: tests/test_cli.py) under ZeRO-2, where every rank
+# holds the whole model. Each launch costs a minute or two.
+IMPORTANCE_LAUNCHES = [
+    *((engine, DEFAULT_ESTIMATOR) for engine in [*ENGINES, "zero3-offload"]),
+    ("zero3", "fisher"),
+    ("zero2", "das"),
 ]
 
 
@@ -246,11 +273,14 @@ IMPORTANCE_LAUNCHES = [(engine, DEFAULT_ESTIMATOR) for engine in ENGINES] + [
 def test_importance_under_each_launcher_is_the_one_process_artifact(
     engine, estimator, tmp_path, tmp_path_factory, tiny_models
 ):
-    """fsdp2, zero2 and zero3 recipes, `cofitune-importance` on 2 CPU processes: the one-process
-    manifest (weight and data fingerprints, estimator, batches, tokens) and its tensors within
-    float32 rounding of sums taken in another order (rtol 1e-5, atol 1e-6 of the largest
-    element: a rank that drew other noise, took other batches or counted its own tokens only
-    is off by the values' own size)."""
+    """fsdp2, zero2, zero3 and zero3-offload recipes, `cofitune-importance` on 2 CPU processes:
+    the one-process manifest (weight and data fingerprints, estimator, batches, tokens) and its
+    tensors within float32 rounding of sums taken in another order (rtol 1e-5, atol 1e-6 of the
+    largest element: a rank that drew other noise, took other batches or counted its own tokens
+    only is off by the values' own size). Under ZeRO-3 the model stays partitioned: no rank
+    holds more than 3/4 of the whole model's parameter bytes at any sampled moment (its half,
+    the norms, and the weights of the module running), where the one process and the other
+    engines' ranks hold it all."""
     written = importance(tmp_path / engine, tiny_models["llama"], engine, estimator)
     reference_dir = one_process_importance(tmp_path_factory, tiny_models["llama"], estimator)
     reference = json.loads((reference_dir / "manifest.json").read_text())
@@ -264,6 +294,18 @@ def test_importance_under_each_launcher_is_the_one_process_artifact(
     for name, tensor in load_file(written / "importance.safetensors").items():
         scale = expected[name].abs().max().item()
         torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6 * scale)
+
+    held = parameter_bytes(written)
+    (one,) = parameter_bytes(reference_dir).values()
+    assert sorted(held) == ["rank-0", "rank-1"], held
+    print(f"parameter bytes held at the peak: one process {one}, {engine} {held}")
+    assert one["peak"] == one["whole"]
+    for rank in held.values():
+        assert rank["whole"] == one["whole"]
+        if engine in PARTITIONING:
+            assert rank["peak"] <= 0.75 * rank["whole"], rank
+        else:
+            assert rank["peak"] == rank["whole"], rank
 
 
 # AdamW with weight decay: the optimizer state (moments, step count) must come back from the

@@ -5,7 +5,8 @@ directory there for their `axolotl` subprocesses, and nothing else does: the plu
 it, so a GPU user's run is untouched. It acts only in a rank process of a multi-process launch
 (WORLD_SIZE > 1) running Axolotl (`python -m axolotl...`; not in their helper processes, such as
 the data set's worker pool) on a machine without an accelerator. What it changes, and why, is in
-`cpu_sharded_shims.py`.
+`cpu_sharded_shims.py`. With COFITUNE_PARAMETER_PROBE set, any Axolotl process (one or several)
+also records the parameter bytes it held at its peak (`parameter_probe.py`; measures only).
 """
 
 import os
@@ -16,3 +17,11 @@ if int(os.environ.get("WORLD_SIZE", "1")) > 1 and _module.startswith("axolotl.")
     import cpu_sharded_shims
 
     cpu_sharded_shims.install()
+
+_script = os.path.basename(sys.orig_argv[1]) if len(sys.orig_argv) > 1 else ""
+if os.environ.get("COFITUNE_PARAMETER_PROBE") and (
+    _module.startswith("axolotl.") or _script == "axolotl"
+):
+    import parameter_probe
+
+    parameter_probe.install(os.environ["COFITUNE_PARAMETER_PROBE"])
