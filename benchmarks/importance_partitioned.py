@@ -22,20 +22,17 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator, gloo
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from machine import describe
 from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
+from two_ranks import on_two_ranks
 
 from cofitune_plugin.architectures import architecture_for
 from cofitune_plugin.importance import ESTIMATORS, Partitioned, compute_importance
@@ -138,37 +135,15 @@ def held_bytes(estimator: str, args: argparse.Namespace) -> dict[str, int]:
     return {"whole": held.whole(), "own_partitions": partition, "peak": held.peak}
 
 
-def worker(rank: int, args: argparse.Namespace, port: int, out: Path) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE="2",
-        LOCAL_WORLD_SIZE="2",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        figures = {estimator: held_bytes(estimator, args) for estimator in ESTIMATORS}
-        gathered: list[dict] = [{}, {}]
-        dist.all_gather_object(gathered, figures)
-        if rank == 0:
-            out.write_text(json.dumps({f"rank-{r}": f for r, f in enumerate(gathered)}))
-    finally:
-        dist.destroy_process_group()
+def rank_figures(rank: int, args: argparse.Namespace) -> dict:
+    """One rank's held bytes per estimator."""
+    return {estimator: held_bytes(estimator, args) for estimator in ESTIMATORS}
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.time()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "held.json"
-        mp.spawn(worker, args=(args, port, out), nprocs=2)
-        ranks = json.loads(out.read_text())
+    ranks = {f"rank-{r}": f for r, f in enumerate(on_two_ranks(rank_figures, args))}
     estimators = {
         estimator: {
             "whole_bytes": ranks["rank-0"][estimator]["whole"],

@@ -25,9 +25,7 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -37,11 +35,11 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator, g
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from machine import describe
 from softmask_overhead import VARIANTS, quiet, ratio_stats, summary
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
+from two_ranks import on_two_ranks
 
 from cofitune_plugin.selection import select
 from cofitune_plugin.sharded import EnginePlacement
@@ -194,29 +192,14 @@ def timed_rounds(engine: str, args: argparse.Namespace) -> dict[str, list[float]
     return times
 
 
-def worker(rank: int, engines: list[str], args: argparse.Namespace, port: int, out: Path) -> None:
-    """One of 2 ranks: joins the gloo group once and times each engine in turn (one start-up
-    for all of them); rank 0 writes the times."""
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE="2",
-        LOCAL_WORLD_SIZE="2",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        times = {}
-        for engine in engines:
-            times[engine] = timed_rounds(engine, args)
-            if rank == 0:
-                print(f"{engine}: timed", flush=True)
+def rank_times(rank: int, engines: list[str], args: argparse.Namespace) -> dict:
+    """One of 2 ranks: times each engine in turn (one start-up for all of them)."""
+    times = {}
+    for engine in engines:
+        times[engine] = timed_rounds(engine, args)
         if rank == 0:
-            out.write_text(json.dumps(times))
-    finally:
-        dist.destroy_process_group()
+            print(f"{engine}: timed", flush=True)
+    return times
 
 
 def measure(engines: list[str], args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
@@ -227,13 +210,7 @@ def measure(engines: list[str], args: argparse.Namespace) -> dict[str, dict[str,
         times["one-process"] = timed_rounds("one-process", args)
     sharded = [engine for engine in engines if engine != "one-process"]
     if sharded:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "times.json"
-            mp.spawn(worker, args=(sharded, args, port, out), nprocs=2)
-            times.update(json.loads(out.read_text()))
+        times.update(on_two_ranks(rank_times, sharded, args)[0])
     return times
 
 
