@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_sharded import harness_env
 
 from helpers import recipe, run_axolotl, soft_mask_block, write_equal_length_dataset, write_recipe
 
@@ -54,7 +55,9 @@ def train(run_dir: Path, model_dir: Path, importance: Path, apply_to: str, proce
     launcher = ("--", "--multi_gpu", "--num_processes", str(processes))
     port = ("--main_process_port", str(free_port()))
     args = launcher + port if processes > 1 else ()
-    result = run_axolotl("train", str(write_recipe(run_dir, cfg)), *args, cwd=run_dir)
+    result = run_axolotl(
+        "train", str(write_recipe(run_dir, cfg)), *args, cwd=run_dir, env=harness_env(engines=False)
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     if processes > 1:
         assert "train as one DDP job over gloo" in result.stdout + result.stderr

@@ -114,10 +114,13 @@ def train(
     return run_dir / "out", result.stdout + result.stderr
 
 
-def harness_env() -> dict[str, str]:
-    """The subprocess environment with the CPU launch shims (tests/harness) on PYTHONPATH."""
+def harness_env(engines: bool = True) -> dict[str, str]:
+    """The subprocess environment with the CPU launch shims (tests/harness) on PYTHONPATH;
+    without `engines`, only the one every multi-process launch needs (DDP's tests: the
+    plugin's own CPU DDP must work without the FSDP/DeepSpeed shims)."""
     path = os.environ.get("PYTHONPATH")
-    return {"PYTHONPATH": f"{HARNESS}{os.pathsep}{path}" if path else str(HARNESS)}
+    env = {"PYTHONPATH": f"{HARNESS}{os.pathsep}{path}" if path else str(HARNESS)}
+    return env if engines else {**env, "COFITUNE_HARNESS_ENGINES": "0"}
 
 
 # What the plugin logs once the engine has sharded the model: proof that it did.

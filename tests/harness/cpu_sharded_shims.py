@@ -15,6 +15,10 @@ machine with one, `install` does nothing. DeepSpeed itself is not patched.
    autograd refuses in the first step (`Output 0 of Split is a view and is being modified
    inplace`): run accelerate's DeepSpeed preparation under `torch.no_grad()` (NCCL's all-gather
    takes another path on GPUs).
+5. A CUDA build of torch on a machine without a GPU (the only torch for Python 3.12 reachable
+   here, so the Axolotl 0.21 test venv has one): Axolotl's peer-to-peer check, run on every rank
+   of a multi-process launch, asks CUDA and fails for want of a driver, where a CPU build raises
+   the AssertionError Axolotl catches: raise that one (`install_peer_check`).
 """
 
 import functools
@@ -67,3 +71,14 @@ def install() -> None:
             return prepare_deepspeed(self, *args)
 
     accelerator.Accelerator._prepare_deepspeed = prepare_without_grad
+
+
+def install_peer_check() -> None:
+    """Shim 5 alone: every multi-process launch needs it, DDP included (1-4 are the engines')."""
+    if torch.version.cuda is None or torch.accelerator.is_available():
+        return
+
+    def no_peer_access(device: int, peer: int) -> bool:
+        raise AssertionError("no CUDA device: peer access does not apply")
+
+    torch.cuda.can_device_access_peer = no_peer_access
