@@ -284,3 +284,16 @@ def masked_and_plain_step(
         assert result.returncode == 0, result.stderr[-4000:]
         outputs[masked] = run_dir / "out"
     return outputs
+
+
+HARNESS = Path(__file__).parent / "harness"
+"""The test harness's shims for multi-process launches on CPU (tests/harness)."""
+
+
+def harness_env(engines: bool = True) -> dict[str, str]:
+    """The subprocess environment with the CPU launch shims (tests/harness) on PYTHONPATH;
+    without `engines`, only the one every multi-process launch needs (DDP's tests: the
+    plugin's own CPU DDP must work without the FSDP/DeepSpeed shims)."""
+    path = os.environ.get("PYTHONPATH")
+    env = {"PYTHONPATH": f"{HARNESS}{os.pathsep}{path}" if path else str(HARNESS)}
+    return env if engines else {**env, "COFITUNE_HARNESS_ENGINES": "0"}

@@ -13,9 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_sharded import harness_env
 
-from helpers import recipe, run_axolotl, soft_mask_block, write_equal_length_dataset, write_recipe
+from helpers import (
+    harness_env,
+    recipe,
+    run_axolotl,
+    soft_mask_block,
+    write_equal_length_dataset,
+    write_recipe,
+)
 
 SELECTED = {
     f"model.layers.{layer}.{module}.weight"

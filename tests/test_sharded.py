@@ -23,9 +23,15 @@ from safetensors.torch import load_file
 from test_launchers import SELECTED, free_port
 
 from cofitune_plugin.args import SoftMaskConfig
-from helpers import recipe, run_axolotl, soft_mask_block, write_equal_length_dataset, write_recipe
+from helpers import (
+    harness_env,
+    recipe,
+    run_axolotl,
+    soft_mask_block,
+    write_equal_length_dataset,
+    write_recipe,
+)
 
-HARNESS = Path(__file__).parent / "harness"
 ZERO_CONFIG = {
     "gradient_accumulation_steps": "auto",
     "gradient_clipping": "auto",
@@ -112,15 +118,6 @@ def train(
     )
     assert result.returncode == 0, result.stderr[-6000:]
     return run_dir / "out", result.stdout + result.stderr
-
-
-def harness_env(engines: bool = True) -> dict[str, str]:
-    """The subprocess environment with the CPU launch shims (tests/harness) on PYTHONPATH;
-    without `engines`, only the one every multi-process launch needs (DDP's tests: the
-    plugin's own CPU DDP must work without the FSDP/DeepSpeed shims)."""
-    path = os.environ.get("PYTHONPATH")
-    env = {"PYTHONPATH": f"{HARNESS}{os.pathsep}{path}" if path else str(HARNESS)}
-    return env if engines else {**env, "COFITUNE_HARNESS_ENGINES": "0"}
 
 
 # What the plugin logs once the engine has sharded the model: proof that it did.

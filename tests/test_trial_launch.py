@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from test_sharded import engine_settings, harness_env
+from test_sharded import engine_settings
 
 from cofitune_plugin.args import SearchConfig
 from cofitune_plugin.search import Candidate
@@ -35,7 +35,14 @@ from cofitune_plugin.trial_launch import (
     trial_mode,
     trial_name,
 )
-from helpers import OFFLINE_ENV, recipe, search_block, write_equal_length_dataset, write_recipe
+from helpers import (
+    OFFLINE_ENV,
+    harness_env,
+    recipe,
+    search_block,
+    write_equal_length_dataset,
+    write_recipe,
+)
 
 WINDOWS = ["0-3", "4-7"]
 MEASURES = ("speciality", "retention_nll", "agreement", "tasks", "failed")
