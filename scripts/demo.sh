@@ -15,5 +15,5 @@ fi
 axolotl train recipes/cofitune-smollm2.yml
 echo "Search report: $(pwd)/demo/search/report.md"
 echo "CoFiTune model written to $(pwd)/demo/outputs/cofitune-smollm2"
-grep -E "^(Domain gain|General change):" demo/outputs/cofitune-smollm2/cofitune-report.md
+grep -E "^(Domain gain|General ability|Distance from the base)" demo/outputs/cofitune-smollm2/cofitune-report.md
 echo "Before/after report: $(pwd)/demo/outputs/cofitune-smollm2/cofitune-report.md"
