@@ -215,10 +215,7 @@ class CoFiTunePlugin(BasePlugin):
         if cfg.adapter != ADAPTER:
             _report_in_own_process(cfg)
             return
-        from cofitune_plugin.train_report import headline
-
-        report, path = write_report(cfg)
-        LOG.info("cofitune: %s", "\n".join([*headline(report), f"Report: {path}"]))
+        _report_and_log(cfg)
 
     def post_lora_merge(self, cfg: DictDefault, adapter_path: str, output_path: str) -> None:
         """Axolotl >= 0.21, after `axolotl merge-lora` saved the merged model: its report, in
@@ -228,10 +225,15 @@ class CoFiTunePlugin(BasePlugin):
             return
         if os.environ.get("RANK", "0") != "0":
             return
-        from cofitune_plugin.train_report import headline
+        _report_and_log(cfg, Path(output_path))
 
-        report, path = write_report(cfg, Path(output_path))
-        LOG.info("cofitune: %s", "\n".join([*headline(report), f"Report: {path}"]))
+
+def _report_and_log(cfg: DictDefault, model_dir: Path | None = None) -> None:
+    """`write_report`, then its headline in the training's log."""
+    from cofitune_plugin.train_report import headline
+
+    report, path = write_report(cfg, model_dir)
+    LOG.info("cofitune: %s", "\n".join([*headline(report), f"Report: {path}"]))
 
 
 _LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
