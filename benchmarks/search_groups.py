@@ -23,6 +23,8 @@ from pathlib import Path
 import yaml
 from machine import describe
 
+from cofitune_plugin.search import SearchRecords, TrialRecord, read_chosen
+
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "cofitune-smollm2.yml"
 WAYS = {
@@ -76,18 +78,17 @@ def run_search(way: str, run_dir: Path, demo: Path) -> tuple[float, float]:
     return time.perf_counter() - start, os.getloadavg()[2]
 
 
-def trial_records(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "search" / "trials.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
+def trial_records(run_dir: Path) -> list[TrialRecord]:
+    return list(SearchRecords(run_dir / "search").trials().values())
 
 
-def largest_difference(found: list[dict], reference: list[dict]) -> float:
+def largest_difference(found: list[TrialRecord], reference: list[TrialRecord]) -> float:
     """The largest relative difference of a measure between two searches' trials (which must
     be the same trials in the same order)."""
-    if [r["key"] for r in found] != [r["key"] for r in reference]:
+    if [r.key for r in found] != [r.key for r in reference]:
         raise AssertionError("the two searches recorded different trials")
     return max(
-        abs(got[m] - want[m]) / max(abs(want[m]), 1e-12)
+        abs(getattr(got, m) - getattr(want, m)) / max(abs(getattr(want, m)), 1e-12)
         for got, want in zip(found, reference)
         for m in MEASURES
     )
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{way}: {took:.0f} s (load average {load_average:.1f})", flush=True)
     serial, at_once = (args.work / f"0-{i}" for i in range(2))
     records = trial_records(serial)
-    chosen = [yaml.safe_load((d / "search" / "chosen.yml").read_text()) for d in (serial, at_once)]
+    chosen = [read_chosen(d / "search") for d in (serial, at_once)]
     total = {way: sum(s) / len(s) for way, s in seconds.items()}
     serial_way, at_once_way = WAYS
     result = {
