@@ -12,13 +12,15 @@ bytes of a weight (2 in bf16/fp16, 4 in float32; 4-bit weights take 0.5 plus the
 - `single`/`ddp` (Axolotl trains bf16 weights in place; torch's AdamW keeps its moments in the
   parameter's dtype): weights P w, gradients T w, moments 2 T w, update-mask copy T w.
 - DeepSpeed ZeRO-2: weights P w whole; gradients T w / N; fp32 master 4 T / N; fp32 moments
-  8 T / N (DeepSpeed keeps both in float32 and shards them).
+  8 T / N (DeepSpeed keeps both in float32 and shards them); the update mask copies what the
+  optimizer steps, the fp32 partition: 4 T / N (on the CPU under offload).
 - ZeRO-3: as ZeRO-2 with the weights sharded too (P w / N), plus the decoder layers gathered at
   a time (the one computing and the one prefetched: 2 layers in w).
 - ZeRO-3 with CPU offload: on the device only the gathered layers, the gradient partition and
   the activations; the weights (P w), the fp32 master, moments and gradients (16 T) live in the
   node's CPU memory (reported separately, for all N devices of one node).
-- FSDP2: weights P w / N, gradients T w / N, moments 2 T w / N, plus 2 gathered layers in w.
+- FSDP2: weights P w / N, gradients T w / N, moments 2 T w / N, update-mask copy T w / N, plus
+  2 gathered layers in w.
   The parameters stay in the dtype Axolotl loaded: accelerate 1.13's "upcast of low precision
   parameters to fp32" (`fsdp2_prepare_model`) rebinds a loop variable only and changes nothing.
 
@@ -130,7 +132,15 @@ def plan_memory(shape: ModelShape, setup: Setup) -> Plan:
         roles["fp32 master"] = 4 * trained / n
         roles["Adam moments"] = 8 * trained / n
     if setup.update_mask:
-        roles["update mask copy"] = trained * t
+        # a copy of what the optimizer steps on this device (`softmask.SoftMask`'s placements):
+        # the selection itself, FSDP2's shard of it, DeepSpeed's fp32 partition of it (which
+        # offload keeps in CPU memory, with the optimizer)
+        if setup.launcher == "zero3_offload":
+            offloaded += 4 * trained
+        elif deepspeed:
+            roles["update mask copy"] = 4 * trained / n
+        else:
+            roles["update mask copy"] = trained * t / (n if setup.launcher == "fsdp2" else 1)
     roles["activations"] = activation_bytes(shape, setup)
     roles["logits"] = logit_bytes(shape, setup)
     if setup.on_gpu:

@@ -98,6 +98,23 @@ def test_zero3_offload_moves_weights_and_optimizer_state_to_the_cpu(shape):
     assert plan.offloaded == PARAMETERS * 2 + 16 * TRAINED
 
 
+@pytest.mark.parametrize(
+    ("launcher", "on_device", "on_cpu"),
+    [
+        ("ddp", TRAINED * 2, 0),  # the selection, in its dtype
+        ("fsdp2", TRAINED * 2 / 2, 0),  # this rank's shard of it
+        ("zero2", 4 * TRAINED / 2, 0),  # DeepSpeed's fp32 partition: what its optimizer steps
+        ("zero3", 4 * TRAINED / 2, 0),
+        ("zero3_offload", None, 4 * TRAINED),  # every rank's fp32 partition, in CPU memory
+    ],
+)
+def test_the_update_mask_copies_what_the_optimizer_steps(shape, launcher, on_device, on_cpu):
+    plain = plan_memory(shape[2], setup(launcher))
+    masked = plan_memory(shape[2], setup(launcher, update_mask=True))
+    assert masked.roles.get("update mask copy") == on_device
+    assert masked.offloaded - plain.offloaded == on_cpu
+
+
 def test_recipe_setup_reads_the_launcher_from_the_recipe(shape):
     zero3 = recipe_setup({"deepspeed": "recipes/deepspeed/zero3_offload.json", "bf16": True}, 8)
     assert (zero3.launcher, zero3.weight_bytes) == ("zero3_offload", 2)
