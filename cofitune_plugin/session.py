@@ -65,6 +65,7 @@ class Session:
         plugin: bool = False,
         restore: Literal["memory", "checkpoint"] = "memory",
         optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
+        loss: Callable[..., torch.Tensor] | None = None,
     ) -> TrainedRun[Evaluation]:
         """Train `trainable` (Axolotl `unfrozen_parameters` patterns, or a PEFT config whose
         adapters wrap the model) with the session's config changed by `overrides`, score the
@@ -76,7 +77,9 @@ class Session:
         `plugin`: call the plugins' `post_trainer_create` (CoFiTune's recipes need it; the
         methods CoFiTune is compared with run without it). A `seed` override is set before the
         adapters are made: LoRA's A matrices are random. `optimizer` builds the run's optimizer
-        from the model (one Axolotl has no option for); the config's scheduler drives it."""
+        from the model (one Axolotl has no option for); the config's scheduler drives it.
+        `loss` replaces the trainer's loss (its `compute_loss_func`: called with the model's
+        outputs, the labels and `num_items_in_batch`), as Axolotl's EAFT loss does."""
         from axolotl.integrations.base import PluginManager
         from axolotl.utils.dict import DictDefault
         from axolotl.utils.freeze import freeze_layers_except
@@ -111,6 +114,8 @@ class Session:
         )
         if optimizer is not None:
             trainer.optimizer = optimizer(model)  # the trainer builds one only when unset
+        if loss is not None:
+            trainer.compute_loss_func = loss
         if plugin:
             PluginManager.get_instance().post_trainer_create(cfg, trainer)
         if torch.cuda.is_available():

@@ -71,3 +71,27 @@ def test_a_run_can_bring_its_own_optimizer_which_the_schedule_drives(session):
     )
     assert run.evaluation == 0  # the rate-0 SGD moved nothing: the trainer's AdamW never ran
     assert len(built) == 1 and built[0].state_dict()["param_groups"][0]["initial_lr"] == 0.0
+
+
+def test_a_run_can_bring_its_own_loss_which_the_trainer_minimises(session):
+    """A loss the config cannot name (SFT with a KL term in the forgetting benchmark): the trainer
+    calls it with the model's outputs and the labels, and its value is what the run reports."""
+    names = list(session.select("25%-50%", "ffn").parameters)
+    calls = []
+
+    def doubled_cross_entropy(outputs, labels, num_items_in_batch=None):
+        calls.append(labels.shape)
+        logits, targets = outputs.logits[:, :-1], labels[:, 1:]
+        return 2 * torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100
+        )
+
+    plain = session.train(exact_patterns(names), lambda model: None, {"learning_rate": 0.0})
+    doubled = session.train(
+        exact_patterns(names),
+        lambda model: None,
+        {"learning_rate": 0.0},
+        loss=doubled_cross_entropy,
+    )
+    assert len(calls) == 2  # one per step
+    assert doubled.output.training_loss == pytest.approx(2 * plain.output.training_loss, rel=1e-4)

@@ -289,11 +289,13 @@ def _jobs(
 ) -> list[Job]:
     """The importance, the base model, the search, then one job per (method, learning rate),
     or per method: the chain the default's rows wait on first, then the longest runs."""
-    axolotl = str(Path(sys.executable).with_name("axolotl"))
+    # Axolotl's CLI through this interpreter: it also runs where Axolotl was installed with
+    # `pip --target` and has no console script (an offline GPU machine, `gpu_plan.sh`)
+    axolotl = [sys.executable, "-m", "axolotl.cli.main"]
     runner = [sys.executable, str(Path(__file__).with_name("runner.py")), str(plan_file)]
     records = Path(plan["paths"]["records"])
     importance = [
-        axolotl,
+        *axolotl,
         "cofitune-importance",
         str(recipe),
         "--output",
@@ -307,7 +309,7 @@ def _jobs(
         Job("base", [*runner, "base"], lambda: read_base(records) is not None),
         Job(
             "search",
-            [axolotl, "cofitune-search", str(recipe)],
+            [*axolotl, "cofitune-search", str(recipe)],
             (work / "search" / "chosen.yml").exists,
             after=("importance", "base"),
         ),

@@ -13,6 +13,7 @@ import random
 from dataclasses import dataclass, field
 
 import torch
+from kl import BETA as KL_BETA
 from torch import nn
 
 from cofitune_plugin.selection import find_decoder_layers
@@ -48,7 +49,8 @@ class Method:
     "cofitune" (the plugin's selection `layers` x `modules`, with `soft_mask` None, "update" or
     "gradient"). `layers == "search"` takes the selection `axolotl cofitune-search` chose.
     `config`: Axolotl keys the run sets (EAFT's loss). `replay`: the share of the training rows
-    that are general text. `mofo`: trained with MoFO (`mofo.py`) instead of AdamW.
+    that are general text. `mofo`: trained with MoFO (`mofo.py`) instead of AdamW. `kl`: the
+    weight of a KL term to the base in the loss (`kl.py`), 0 for none.
     `default_recipe`: CoFiTune as the README tells a user to run it.
     """
 
@@ -62,6 +64,7 @@ class Method:
     config: dict = field(default_factory=dict)
     replay: float = 0.0
     mofo: bool = False
+    kl: float = 0.0
     default_recipe: bool = False
 
 
@@ -116,6 +119,13 @@ def all_methods() -> list[Method]:
                 replay=share,
             )
             for share in REPLAY_SHARES
+        ),
+        Method(
+            "sft-kl",
+            "full",
+            f"full fine-tuning with {KL_BETA:g} x KL(base || model) per trained token added to "
+            "the loss",
+            kl=KL_BETA,
         ),
         Method(
             "mofo",

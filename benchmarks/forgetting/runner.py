@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
+from kl import KLToBase
 from methods import CURVE_OF, Method, all_methods, trainable_names
 from mofo import mofo
 from records import BASE_FILE, key_of, provenance, read_base, run_file, write_record
@@ -107,6 +108,15 @@ class MethodRuns:
             }
         self.session = Session(work / "recipe.yml", **overrides)
         self.tokenizer = self.session.tokenizer
+        # the KL term's reference: the base, loaded once (its memory is part of the method's peak)
+        self.base_model = None
+        if method.kl:
+            from transformers import AutoModelForCausalLM
+
+            model = self.session.model
+            self.base_model = AutoModelForCausalLM.from_pretrained(
+                self.session.cfg.base_model, dtype=model.dtype
+            ).to(model.device)
         evaluation, paths = plan["evaluation"], plan["paths"]
         self.special = plugin_evaluation.read_examples(
             paths["speciality_data"], self.tokenizer, evaluation["speciality_limit"]
@@ -157,6 +167,11 @@ class MethodRuns:
         points = self.plan["interpolations"].get(curve, {})
         if points.get("learning_rate") == learning_rate:
             evaluate = self._with_interpolation(evaluate, points["alphas"])
+        kl = (
+            KLToBase(self.session.model, self.base_model, self.method.kl)
+            if self.method.kl
+            else None
+        )
         run = self.session.train(
             trainable,
             evaluate,
@@ -164,7 +179,10 @@ class MethodRuns:
             plugin=self.method.kind == "cofitune",
             restore="checkpoint",
             optimizer=(lambda model: mofo(model, learning_rate)) if self.method.mofo else None,
+            loss=kl,
         )
+        if kl is not None:
+            kl.remove()
         common = {
             "method": self.method.name,
             "learning_rate": learning_rate,
