@@ -17,9 +17,16 @@ from cofitune_plugin.dial import Dial  # noqa: E402
 from cofitune_plugin.session import checkpoint_values  # noqa: E402
 
 
-def _row(method: str, spec: float, vers: float, lr: float = 1e-4, alpha: float | None = None):
+def _row(
+    method: str,
+    spec: float,
+    vers: float,
+    lr: float = 1e-4,
+    alpha: float | None = None,
+    spec_nll: float | None = None,
+):
     """A row at (spec, vers) on both axes, measured without noise: every bootstrap draw is
-    the point itself."""
+    the point itself. Its Spec NLL is its Spec unless given."""
     return {
         "method": method,
         "learning_rate": lr,
@@ -27,6 +34,7 @@ def _row(method: str, spec: float, vers: float, lr: float = 1e-4, alpha: float |
         "default_recipe": False,
         "seeds": [0],
         "spec": {"mean": spec, "std": 0.0},
+        "spec_nll": {"mean": spec if spec_nll is None else spec_nll, "std": 0.0},
         "vers_bench": {"mean": vers, "std": 0.0},
         "vers_retention": {"mean": vers, "std": 0.0},
         "_draws": {
@@ -121,9 +129,12 @@ def test_dev_picks_the_best_matched_rate_and_full_fine_tunings_two_best():
         _row("full", 0.80, 0.99, lr=1e-5),  # keeps the most, but below matched Spec
         _row("cofitune-default", 0.97, 0.99, lr=4e-5),
         _row("cofitune-default", 0.99, 0.98, lr=8e-5),
+        # exact match saturated, held-out NLL short of full fine-tuning's gain: not matched
+        _row("cofitune-default", 1.0, 1.0, lr=2e-5, spec_nll=0.90),
         _row("freeze", 0.70, 0.99, lr=1e-5),
-        _row("freeze", 0.90, 0.98, lr=2e-4),  # never matched: its highest Spec
+        _row("freeze", 0.99, 0.98, lr=2e-4, spec_nll=0.85),  # never matched: its highest
+        _row("freeze", 0.90, 0.97, lr=1e-4),  # speciality, the lower of Spec and Spec NLL
         _row("wise-ft", 0.99, 0.99, lr=2e-4, alpha=0.5),  # not a trained rate
     ]
     assert SPEC_MATCH == 0.95
-    assert picks(rows) == {"full": [2e-5, 4e-5], "cofitune-default": [4e-5], "freeze": [2e-4]}
+    assert picks(rows) == {"full": [2e-5, 4e-5], "cofitune-default": [4e-5], "freeze": [1e-4]}
