@@ -25,6 +25,7 @@ dev split) and one process per method and learning rate (`runner.py`).
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -42,6 +43,7 @@ from splits import DOMAINS, bench_doc_ids, write_splits  # noqa: E402
 from summary import dev_picks, for_json, markdown, pareto_png, summarize  # noqa: E402
 
 from cofitune_plugin.jsonl import read_records  # noqa: E402
+from cofitune_plugin.search import CHOSEN_FILE, TRIALS_FILE  # noqa: E402
 from cofitune_plugin.tasks.utils import data_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -282,6 +284,16 @@ def run_stage(args: argparse.Namespace) -> None:
         work / "logs",
         REPO,
     )
+    _keep_search(work / "search", records / "search")
+
+
+def _keep_search(search: Path, kept: Path) -> None:
+    """The search's trials and choice beside the records, so the selection the default's rows
+    trained is committed evidence, not a scratch file."""
+    for name in (TRIALS_FILE, CHOSEN_FILE, "report.md"):
+        if (search / name).exists():
+            kept.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(search / name, kept / name)
 
 
 def _jobs(

@@ -7,6 +7,9 @@ Layout, under `benchmarks/results/forgetting/BUDGET/DOMAIN/STAGE/`:
 - `METHOD@RATE-seedS.json`: one trained run (with its WiSE-FT or dial points, when the plan
   evaluates them): its scores, its per-item results, and where it ran (machine, commit, date).
 
+Beside the stages, `DOMAIN/search/` keeps the search's trials (`trials.jsonl`), its choice
+(`chosen.yml`, what the default's rows trained) and its report.
+
 Each file carries the key of the plan it was measured under and of the base it was measured
 against; the summary reads every file whose keys match the current plan and base, whichever
 sitting (or machine of the same budget) wrote it, and counts the rest as not comparable.
