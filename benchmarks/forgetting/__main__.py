@@ -299,8 +299,9 @@ def _keep_search(search: Path, kept: Path) -> None:
 def _jobs(
     work: Path, recipe: Path, plan_file: Path, plan: dict, methods: list[Method], per_method: bool
 ) -> list[Job]:
-    """The importance, the base model, the search, then one job per (method, learning rate),
-    or per method: the chain the default's rows wait on first, then the longest runs."""
+    """The base model, the importance and the search (when a planned method needs them), then
+    one job per (method, learning rate), or per method: the chain the default's rows wait on
+    first, then the longest runs."""
     # Axolotl's CLI through this interpreter: it also runs where Axolotl was installed with
     # `pip --target` and has no console script (an offline GPU machine, `gpu_plan.sh`)
     axolotl = [sys.executable, "-m", "axolotl.cli.main"]
@@ -315,25 +316,21 @@ def _jobs(
         "--max-batches",
         str(plan["importance_batches"]),
     ]
-    jobs = [
-        Job("importance", importance, (work / "importance" / "manifest.json").exists),
-        # base prepares the training data that every later job reads (so never two at once)
-        Job("base", [*runner, "base"], lambda: read_base(records) is not None),
-        Job(
-            "search",
-            [*axolotl, "cofitune-search", str(recipe)],
-            (work / "search" / "chosen.yml").exists,
-            after=("importance", "base"),
-        ),
-    ]
+    # base prepares the training data that every later job reads (so never two at once)
+    jobs = [Job("base", [*runner, "base"], lambda: read_base(records) is not None)]
+    planned = [m for m in methods if m.name in plan["learning_rates"]]
+    if any(m.soft_mask for m in planned):
+        jobs.append(Job("importance", importance, (work / "importance" / "manifest.json").exists))
+    if any(m.layers == "search" for m in planned):
+        search = [*axolotl, "cofitune-search", str(recipe)]
+        chosen = (work / "search" / CHOSEN_FILE).exists
+        jobs.append(Job("search", search, chosen, after=("importance", "base")))
     curves = [curve["learning_rate"] for curve in plan["interpolations"].values()]
 
     def done(name: str, rates: list[float]) -> bool:
         return all(run_file(records, name, lr, s).exists() for lr in rates for s in plan["seeds"])
 
-    for method in sorted(methods, key=lambda m: m.layers != "search"):
-        if method.name not in plan["learning_rates"]:
-            continue
+    for method in sorted(planned, key=lambda m: m.layers != "search"):
         needs = ["base"]
         needs += ["importance"] * bool(method.soft_mask)
         needs += ["search"] * (method.layers == "search")

@@ -50,7 +50,8 @@ class Method:
     "gradient"). `layers == "search"` takes the selection `axolotl cofitune-search` chose.
     `config`: Axolotl keys the run sets (EAFT's loss). `replay`: the share of the training rows
     that are general text. `mofo`: trained with MoFO (`mofo.py`) instead of AdamW. `kl`: the
-    weight of a KL term to the base in the loss (`kl.py`), 0 for none.
+    weight of a KL term to the base in the loss (`kl.py`), 0 for none. `dft`: trained with the
+    DFT loss (`dft.py`).
     `default_recipe`: CoFiTune as the README tells a user to run it.
     """
 
@@ -65,6 +66,7 @@ class Method:
     replay: float = 0.0
     mofo: bool = False
     kl: float = 0.0
+    dft: bool = False
     default_recipe: bool = False
 
 
@@ -109,6 +111,13 @@ def all_methods() -> list[Method]:
             "full fine-tuning with Axolotl's EAFT loss (`use_eaft`: tokens weighted by the "
             "model's entropy)",
             config={"use_eaft": True},
+        ),
+        Method(
+            "dft",
+            "full",
+            "full fine-tuning with the DFT loss (each token's cross-entropy weighted by its "
+            "detached probability: Axolotl's `use_dft` from 0.20 on)",
+            dft=True,
         ),
         *(
             Method(

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
+from dft import dft_loss
 from kl import KLToBase
 from methods import CURVE_OF, Method, all_methods, trainable_names
 from mofo import mofo
@@ -179,7 +180,7 @@ class MethodRuns:
             plugin=self.method.kind == "cofitune",
             restore="checkpoint",
             optimizer=(lambda model: mofo(model, learning_rate)) if self.method.mofo else None,
-            loss=kl,
+            loss=kl or (dft_loss if self.method.dft else None),
         )
         if kl is not None:
             kl.remove()

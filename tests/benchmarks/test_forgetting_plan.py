@@ -1,0 +1,56 @@
+"""The forgetting benchmark's stage plan: the jobs a sitting runs are those its methods need
+(no importance or search for methods without a mask or the search's selection), and a test
+stage's key does not depend on the methods a sitting has picks for, so their records add up."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+FORGETTING = Path(__file__).parents[2] / "benchmarks" / "forgetting"
+spec = importlib.util.spec_from_file_location("forgetting_main", FORGETTING / "__main__.py")
+forgetting = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(forgetting)
+sys.path.insert(0, str(FORGETTING))
+from methods import all_methods  # noqa: E402
+
+
+def _plan(tmp_path: Path, names: list[str]) -> tuple[dict, list]:
+    plan = forgetting.make_plan("smoke", "dates", "dev", {"records": str(tmp_path / "r")}, None)
+    methods = [m for m in all_methods() if m.name in names]
+    plan["learning_rates"] = {k: v for k, v in plan["learning_rates"].items() if k in names}
+    return plan, methods
+
+
+def _job_names(tmp_path: Path, names: list[str]) -> list[str]:
+    plan, methods = _plan(tmp_path, names)
+    jobs = forgetting._jobs(tmp_path, tmp_path / "recipe.yml", tmp_path / "p", plan, methods, False)
+    return [job.name for job in jobs]
+
+
+def test_a_sitting_runs_the_importance_and_search_only_for_methods_that_need_them(tmp_path):
+    assert _job_names(tmp_path, ["dft"]) == ["base", "dft@1e-05", "dft@0.0001"]
+    assert _job_names(tmp_path, ["cofitune+mask-update"])[:2] == ["base", "importance"]
+    assert "search" not in _job_names(tmp_path, ["cofitune+mask-update"])
+    names = _job_names(tmp_path, ["full", "cofitune-default"])
+    # the default's chain first: it waits on the importance and the search
+    assert names[:5] == [
+        "base",
+        "importance",
+        "search",
+        "cofitune-default@1e-05",
+        "cofitune-default@0.0001",
+    ]
+
+
+def test_a_test_stages_key_holds_when_later_sittings_pick_more_methods(tmp_path):
+    """Test records of full fine-tuning and the default stay comparable when the dev records of
+    other methods arrive later: a record is of one method at one rate, and the claim reads the
+    row at the current pick, so neither the picks nor the curves' rates are in the key."""
+
+    def key(picks: dict) -> str:
+        return forgetting.make_plan("smoke", "dates", "test", {}, picks)["key"]
+
+    first = {"full": [2e-5, 4e-5], "cofitune-default": [4e-5]}
+    assert key(first) == key(first | {"lora": [1e-4], "dft": [2e-5]})
+    assert key(first) == key(first | {"full": [2e-5, 8e-5]})
+    assert key(first) != forgetting.make_plan("smoke", "math", "test", {}, first)["key"]
