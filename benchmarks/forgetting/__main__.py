@@ -278,22 +278,25 @@ def run_stage(args: argparse.Namespace) -> None:
     }
     plan_file = work / f"plan-{args.stage}.json"
     plan_file.write_text(json.dumps(plan, indent=1))
+    # a later sitting trains the default on the committed choice, not on a search run anew
+    if not (work / "search" / CHOSEN_FILE).exists():
+        _copy_search(records / "search", work / "search")
     run_jobs(
         _jobs(work, recipe, plan_file, plan, methods, args.per_method),
         args.jobs,
         work / "logs",
         REPO,
     )
-    _keep_search(work / "search", records / "search")
+    _copy_search(work / "search", records / "search")
 
 
-def _keep_search(search: Path, kept: Path) -> None:
-    """The search's trials and choice beside the records, so the selection the default's rows
-    trained is committed evidence, not a scratch file."""
+def _copy_search(source: Path, target: Path) -> None:
+    """The search's trials, choice and report, from the work dir to beside the records (so the
+    selection the default's rows trained is committed evidence, not a scratch file), or back."""
     for name in (TRIALS_FILE, CHOSEN_FILE, "report.md"):
-        if (search / name).exists():
-            kept.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(search / name, kept / name)
+        if (source / name).exists():
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / name, target / name)
 
 
 def _jobs(

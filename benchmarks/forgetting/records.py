@@ -8,7 +8,8 @@ Layout, under `benchmarks/results/forgetting/BUDGET/DOMAIN/STAGE/`:
   evaluates them): its scores, its per-item results, and where it ran (machine, commit, date).
 
 Beside the stages, `DOMAIN/search/` keeps the search's trials (`trials.jsonl`), its choice
-(`chosen.yml`, what the default's rows trained) and its report.
+(`chosen.yml`, what the default's rows trained) and its report; a later sitting trains the
+default on this choice instead of searching again.
 
 Each file carries the key of the plan it was measured under and of the base it was measured
 against; the summary reads every file whose keys match the current plan and base, whichever

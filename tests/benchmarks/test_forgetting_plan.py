@@ -54,3 +54,20 @@ def test_a_test_stages_key_holds_when_later_sittings_pick_more_methods(tmp_path)
     assert key(first) == key(first | {"lora": [1e-4], "dft": [2e-5]})
     assert key(first) == key(first | {"full": [2e-5, 8e-5]})
     assert key(first) != forgetting.make_plan("smoke", "math", "test", {}, first)["key"]
+
+
+def test_a_later_sitting_trains_the_default_on_the_committed_search_choice(tmp_path):
+    """The search's files go beside the records; a sitting with an empty work dir gets them back
+    and does not search again."""
+    work, records = tmp_path / "work", tmp_path / "records"
+    (work / "search").mkdir(parents=True)
+    (work / "search" / "chosen.yml").write_text("layers: 0%-100%\nmodules: ffn\n")
+    (work / "search" / "trials.jsonl").write_text("{}\n")
+    forgetting._copy_search(work / "search", records / "search")
+
+    later = tmp_path / "later"
+    forgetting._copy_search(records / "search", later / "search")
+    assert (later / "search" / "chosen.yml").read_text() == "layers: 0%-100%\nmodules: ffn\n"
+    plan, methods = _plan(tmp_path, ["cofitune-default"])
+    jobs = forgetting._jobs(later, later / "recipe.yml", later / "p", plan, methods, False)
+    assert {job.name: job.done() for job in jobs}["search"] is True
