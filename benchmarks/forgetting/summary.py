@@ -19,6 +19,7 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 from methods import INTERPOLATIONS, Method  # noqa: E402
 from records import key_of, read_base, read_runs  # noqa: E402
 from scores import (  # noqa: E402
@@ -458,51 +459,79 @@ def _claim_markdown(domain: str, found: dict) -> list[str]:
 
 
 def pareto_png(results: dict, path: Path) -> None:
-    """Spec against each versatility axis, per domain (its test rows, else its dev rows);
-    frontiers as lines, other methods as points with their spread over seeds."""
-    domains = results["domains"]
-    if not domains:
+    """One row of panels per domain and stage: Spec against each versatility axis, and retention
+    against held-out NLL, where a method that only takes smaller steps lies on full
+    fine-tuning's line and one that keeps more for what it learns lies above it; frontiers as
+    lines, other methods as points with their spread over seeds."""
+    stages = [
+        (name, stage, entry[stage])
+        for name, entry in results["domains"].items()
+        for stage in ("dev", "test")
+        if entry.get(stage, {}).get("rows")
+    ]
+    if not stages:
         return
-    fig, panels = plt.subplots(len(domains), 2, figsize=(12, 5.2 * len(domains)), squeeze=False)
-    for (name, entry), row_panels in zip(domains.items(), panels, strict=True):
-        stage = "test" if entry.get("test", {}).get("rows") else "dev"
-        rows = entry.get(stage, {}).get("rows", [])
-        for ax, axis in zip(row_panels, AXES, strict=True):
-            for line_name, line in frontiers(rows).items():
-                xs = [p["spec"]["mean"] for p in line]
-                ys = [p[axis]["mean"] for p in line]
-                ax.plot(xs, ys, "-o", markersize=4, label=f"{line_name} (line)", zorder=1)
-            for i, row in enumerate(rows):
-                if row["method"] == REFERENCE or row["method"] in INTERPOLATIONS:
-                    continue  # drawn as lines
-                x, y = row["spec"], row[axis]
-                ax.errorbar(
-                    x["mean"],
-                    y["mean"],
-                    xerr=x["std"],
-                    yerr=y["std"],
-                    fmt="*" if row["default_recipe"] else "o",
-                    markersize=12 if row["default_recipe"] else 6,
-                    color="tab:red" if row["method"].startswith("cofitune") else "tab:gray",
-                    capsize=3,
-                )
-                offset = (6, 6) if i % 2 else (6, -12)  # alternate, so close points stay readable
-                ax.annotate(
-                    f"{row['method']} {row['learning_rate']:g}",
-                    (x["mean"], y["mean"]),
-                    fontsize=7,
-                    xytext=offset,
-                    textcoords="offset points",
-                )
+    fig, panels = plt.subplots(len(stages), 3, figsize=(18, 5.2 * len(stages)), squeeze=False)
+    for (name, stage, found), row_panels in zip(stages, panels, strict=True):
+        rows = found["rows"]
+        for ax, axis in zip(row_panels, AXES, strict=False):
+            _draw(ax, rows, lambda p: p["spec"], axis)
             ax.axvline(SPEC_MATCH, color="black", linewidth=0.5, linestyle=":")
             ax.set_xlabel("Spec: share of full fine-tuning's exact-match gain")
             ax.set_ylabel(f"{axis} ({name}, {stage} split)")
-            ax.grid(alpha=0.3)
-            ax.legend(loc="lower left", fontsize=8)
+        base_nll = _spread([found["base"]["heldout_nll"]])
+
+        def nll(point: dict, base_nll: dict = base_nll) -> dict:
+            return base_nll if point["method"] == "base" else point["heldout_nll"]
+
+        ax = row_panels[2]
+        _draw(ax, rows, nll, AXES[1])
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.invert_xaxis()  # learning more goes right, as on the Spec panels
+        ax.set_xlabel("held-out NLL of the reference answers (log; right: learned more)")
+        ax.set_ylabel(f"vers_retention ({name}, {stage} split)")
     fig.suptitle(f"SmolLM2-135M-Instruct, `{results['budget']}` budget (dotted: matched Spec)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _draw(ax, rows: list[dict], x_of: Callable[[dict], dict], axis: str) -> None:
+    """The rows on one panel: each frontier as a line, each other row as a point with its
+    spread over seeds (CoFiTune's in red, the default a star)."""
+    lines = frontiers(rows)
+    for line_name, line in lines.items():
+        xs = [x_of(p)["mean"] for p in line]
+        ys = [p[axis]["mean"] for p in line]
+        ax.plot(xs, ys, "-o", markersize=4, label=f"{line_name} (line)", zorder=1)
+    for i, row in enumerate(rows):
+        if row["method"] in lines:
+            continue
+        x, y = x_of(row), row[axis]
+        ax.errorbar(
+            x["mean"],
+            y["mean"],
+            xerr=x["std"],
+            yerr=y["std"],
+            fmt="*" if row["default_recipe"] else "o",
+            markersize=12 if row["default_recipe"] else 6,
+            color="tab:red" if row["method"].startswith("cofitune") else "tab:gray",
+            capsize=3,
+        )
+        offset = (6, 6) if i % 2 else (6, -12)  # alternate, so close points stay readable
+        ax.annotate(
+            f"{row['method']} {row['learning_rate']:g}",
+            (x["mean"], y["mean"]),
+            fontsize=7,
+            xytext=offset,
+            textcoords="offset points",
+        )
+    ax.grid(alpha=0.3)
+    if lines:
+        ax.legend(loc="lower left", fontsize=8)
 
 
 def _label(row: dict) -> str:
