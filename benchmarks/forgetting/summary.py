@@ -37,6 +37,7 @@ from cofitune_plugin.stats import (  # noqa: E402
     bootstrap_draws,
     interval,
     mean_of_seeds,
+    paired_bootstrap,
     weakly_dominates,
 )
 
@@ -191,25 +192,36 @@ def arrays(row: dict, base: dict) -> dict[str, np.ndarray]:
 
 
 def _bootstrap(rows: list[dict], base: dict, reference: float) -> None:
-    """Each row's bootstrap draws per metric (`_draws`, not written out). Rows with the same
-    seeds share their draws' indices, so a difference of draws is a paired bootstrap."""
+    """Each row's bootstrap draws per metric (`_draws`), and its per-item data and metric
+    functions (`_data`, `_statistics`) for pairing on a subset of its seeds; none is written
+    out. Rows with the same seeds share their draws' indices, so a difference of draws is a
+    paired bootstrap."""
     functions = statistics_of(base, reference)
     for row in rows:
         data = arrays(row, base)
         row["_draws"] = {m: bootstrap_draws(data[m], functions[m]) for m in METRICS}
+        row["_data"], row["_statistics"] = data, functions
 
 
-def difference(a: dict, b: dict) -> dict[str, Interval]:
-    """(a - b) per metric: the paired interval when both rows have the same seeds, else the
-    difference of means as a degenerate interval (no pairing, so no spread is claimed)."""
-    result = {}
-    for metric in METRICS:
-        estimate = a[metric]["mean"] - b[metric]["mean"]
-        if a["seeds"] == b["seeds"]:
-            result[metric] = interval(estimate, a["_draws"][metric] - b["_draws"][metric])
-        else:
-            result[metric] = Interval(estimate, estimate, estimate)
-    return result
+def difference(a: dict, b: dict) -> dict[str, Interval] | None:
+    """(a - b) per metric, a bootstrap paired over items and the seeds both rows have: the
+    rows' own draws when their seeds are the same, else draws of their shared seeds alone;
+    None when they share no seed (nothing to pair, so no interval is claimed)."""
+    if a["seeds"] == b["seeds"]:
+        return {
+            m: interval(a[m]["mean"] - b[m]["mean"], a["_draws"][m] - b["_draws"][m])
+            for m in METRICS
+        }
+    shared = [seed for seed in a["seeds"] if seed in b["seeds"]]
+    if not shared:
+        return None
+    return {
+        m: paired_bootstrap(
+            *(row["_data"][m][[row["seeds"].index(s) for s in shared]] for row in (a, b)),
+            a["_statistics"][m],
+        )
+        for m in METRICS
+    }
 
 
 def picks(rows: list[dict]) -> dict[str, list[float]]:
@@ -255,18 +267,18 @@ def claim(test: dict, chosen: dict[str, list[float]]) -> dict:
     if not default or full is None:
         return {"met": None, "why": "the test stage has no default row or no full row at its pick"}
     default = default[0]
+    against = difference(default, full)
+    if against is None:
+        return {"met": None, "why": "the default's and full fine-tuning's rows share no seed"}
     versus = {}
     for (name, rate), row in trained.items():
-        if name != DEFAULT:
-            versus[f"{name} lr={rate:g}"] = {
-                m: d.as_list() for m, d in difference(default, row).items()
-            }
-    against = difference(default, full)
+        if name != DEFAULT and (differences := difference(default, row)) is not None:
+            versus[f"{name} lr={rate:g}"] = {m: d.as_list() for m, d in differences.items()}
     checks = {axis: against[axis].low > bar for axis, bar in CLAIM_GOAL.items()}
     return {
         "default": _label(default),
         "full": _label(full),
-        "seeds": default["seeds"],
+        "seeds": [seed for seed in default["seeds"] if seed in full["seeds"]],  # those paired
         **{m: against[m].as_list() for m in METRICS},
         "estimate": {m: against[m].estimate for m in METRICS},
         "checks": checks,
@@ -308,7 +320,9 @@ def dominated_by(row: dict, rows: list[dict], axis: str) -> list[str]:
         if other["method"] == row["method"]:
             continue
         differences = difference(other, row)
-        if weakly_dominates({"spec": differences["spec"], axis: differences[axis]}):
+        if differences is not None and weakly_dominates(
+            {"spec": differences["spec"], axis: differences[axis]}
+        ):
             above.append(_label(other))
     x, y = row["spec"]["mean"], row[axis]["mean"]
     for name, line in frontiers(rows).items():
@@ -345,7 +359,8 @@ def for_json(results: dict) -> dict:
     for entry in results["domains"].values():
         for stage in ("dev", "test"):
             for row in entry.get(stage, {}).get("rows", []):
-                row.pop("_draws", None)
+                for key in ("_draws", "_data", "_statistics"):
+                    row.pop(key, None)
     return results
 
 

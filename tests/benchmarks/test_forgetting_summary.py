@@ -11,10 +11,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks" / "forgetting"))
-from summary import SPEC_MATCH, dominated_by, frontiers, picks  # noqa: E402
+from summary import SPEC_MATCH, difference, dominated_by, frontiers, picks  # noqa: E402
 
 from cofitune_plugin.dial import Dial  # noqa: E402
 from cofitune_plugin.session import checkpoint_values  # noqa: E402
+from cofitune_plugin.stats import bootstrap_draws, mean_of_seeds  # noqa: E402
 
 
 def _row(
@@ -138,3 +139,35 @@ def test_dev_picks_the_best_matched_rate_and_full_fine_tunings_two_best():
     ]
     assert SPEC_MATCH == 0.95
     assert picks(rows) == {"full": [2e-5, 4e-5], "cofitune-default": [4e-5], "freeze": [1e-4]}
+
+
+def _measured(method: str, seeds: list[int], hits: np.ndarray) -> dict:
+    """A row from per-item hits (seeds x items), every metric their mean over items and seeds,
+    with the draws and data `summary._bootstrap` gives a row."""
+    statistic = mean_of_seeds(lambda x: x[..., 0].mean(-1))
+    data = hits[:, :, None].astype(float)
+    row = _row(method, float(statistic(data)), float(statistic(data)))
+    row["seeds"] = seeds
+    row["_data"] = {m: data for m in ("spec", "vers_bench", "vers_retention")}
+    row["_statistics"] = {m: statistic for m in row["_data"]}
+    row["_draws"] = {m: bootstrap_draws(data, statistic) for m in row["_data"]}
+    return row
+
+
+def test_rows_of_different_seeds_are_paired_on_the_seeds_both_have_and_else_not_compared():
+    """A row of seeds 0-2 against one of seed 0: the difference is the paired bootstrap of
+    seed 0 alone (seeds 1-2, far above, do not count); with no seed in common nothing is
+    claimed, so nothing dominates."""
+    rng = np.random.default_rng(0)
+    three = (rng.random((3, 200)) < 0.5).astype(float)
+    three[1:] = 1.0  # seeds 1 and 2 answer everything: on the means, far above
+    one = three[:1].copy()
+    many, single = _measured("lora", [0, 1, 2], three), _measured("cofitune", [0], one)
+    differences = difference(many, single)
+    assert differences["spec"].estimate == 0.0
+    assert differences["spec"].low == differences["spec"].high == 0.0  # the same items: a tie
+    assert dominated_by(single, [single, many], "vers_bench") == []
+
+    elsewhere = _measured("lora", [1, 2], three[1:])
+    assert difference(elsewhere, single) is None
+    assert dominated_by(single, [single, elsewhere], "vers_bench") == []
