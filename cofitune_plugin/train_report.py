@@ -32,12 +32,14 @@ from cofitune_plugin.args import SearchWeights
 from cofitune_plugin.dial import Dial
 from cofitune_plugin.importance_store import model_fingerprint
 from cofitune_plugin.jsonl import append_record, read_records
+from cofitune_plugin.matched import SPEC_MATCH, best_at_matched_speciality
 from cofitune_plugin.report import dial_plot
 from cofitune_plugin.scoring import Evaluator, ModelEval
 from cofitune_plugin.search import (
     BASE_FILE,
     HEADER_FILE,
     BaseRecord,
+    Score,
     SearchRecords,
     TrialRecord,
     score_trials,
@@ -471,8 +473,35 @@ def write_dial(
         ),
     ]
     table = "\n".join(lines)
+    advice = recommendation(base.scores.speciality, points, metric, scores)
     (directory / "dial.md").write_text(
         f"# CoFiTune dial: {output_dir}\n\nBase: {base.source}. a = 1 is the trained model.\n\n"
-        f"{table}\n"
+        f"{table}\n\n{advice}\n"
     )
-    return f"{table}\n\nCurve: {directory / 'dial.png'}; records: {directory / DIAL_RECORDS}"
+    return (
+        f"{table}\n\n{advice}\n\n"
+        f"Curve: {directory / 'dial.png'}; records: {directory / DIAL_RECORDS}"
+    )
+
+
+def recommendation(
+    base_speciality: float, points: list[DialPoint], metric: str, scores: dict[float, Score]
+) -> str:
+    """The a to use, as a sentence: the most versatile point that keeps `SPEC_MATCH` of the
+    curve's best speciality gain over the base (the rule the forgetting benchmark picks by).
+    A share of the gain, not a ratio of scores: a ratio of held-out NLLs near zero would call
+    0.004 and 0.008 far apart."""
+    sign = -1.0 if metric == "loss" else 1.0
+    gains = {p.alpha: sign * (p.speciality - base_speciality) for p in points}
+    best_gain = max(gains.values(), default=0.0)
+    if best_gain <= 0:
+        return "No point gains speciality over the base: nothing to recommend."
+    best = best_at_matched_speciality(
+        sorted(gains, reverse=True),
+        lambda alpha: gains[alpha] / best_gain,
+        lambda alpha: scores[alpha].versatility,
+    )
+    return (
+        f"Recommended: a = {best:g}, the most versatile point that keeps {SPEC_MATCH:.0%} of the "
+        f"curve's best speciality gain (write it with `--alpha {best:g}`)."
+    )

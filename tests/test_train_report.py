@@ -20,9 +20,11 @@ from cofitune_plugin.train_report import (
     DIAL_DIR,
     DIAL_RECORDS,
     BaseEval,
+    DialPoint,
     Evaluator,
     Trained,
     dial_curve,
+    recommendation,
     report_on,
     write_dial,
 )
@@ -247,6 +249,24 @@ def test_the_dialled_directory_loads_and_differs_from_the_base_in_the_selection_
         write_dial(trained, [], 0.5, tmp_path / "half")
 
 
+def test_the_dial_recommends_the_most_versatile_point_at_matched_speciality_gain():
+    """Held-out NLL 2.0 at the base: a = 0.75 keeps 98% of the best gain (0.04 against 0.02,
+    a ratio of only 0.5), a = 0.5 keeps 90%: 0.75 is recommended for its versatility, not 0.5
+    which keeps more; with exact match the gain is counted upwards."""
+    from cofitune_plugin.search import Score
+
+    def points(values: dict[float, float]) -> list[DialPoint]:
+        return [DialPoint(a, value, 1.0, 1.0, 0.0) for a, value in values.items()]
+
+    vers = {0.0: 1.0, 0.5: 0.99, 0.75: 0.98, 1.0: 0.96}
+    scores = {a: Score(speciality=0.0, versatility=v, uni=0.0) for a, v in vers.items()}
+    nll = points({0.0: 2.0, 0.5: 0.2, 0.75: 0.04, 1.0: 0.02})
+    assert "Recommended: a = 0.75," in recommendation(2.0, nll, "loss", scores)
+    hits = points({0.0: 0.1, 0.5: 0.5, 0.75: 0.97, 1.0: 0.99})
+    assert "Recommended: a = 0.75," in recommendation(0.1, hits, "exact_match", scores)
+    assert "nothing to recommend" in recommendation(0.1, points({0.0: 0.1}), "exact_match", scores)
+
+
 LORA = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
 
 
@@ -288,6 +308,7 @@ def test_train_writes_the_report_once_and_the_commands_read_it(tmp_path, tiny_mo
     assert points[0]["speciality"] == pytest.approx(written["speciality"]["base"], rel=1e-4)
     assert points[1]["speciality"] == pytest.approx(written["speciality"]["tuned"], rel=1e-4)
     assert (out / DIAL_DIR / "dial.png").stat().st_size > 0
+    assert "Recommended: a = 1," in (out / DIAL_DIR / "dial.md").read_text()  # the base gains 0
 
 
 @pytest.mark.axolotl

@@ -7,9 +7,12 @@ LLaMA-Factory's layer freezing, Spectrum, HFT) and CoFiTune (coarse, with each s
 the README runs it), in two stages:
 
 - `--stage dev` (the dev split, one seed): every method at every rate of one geometric grid
-  (LoRA on the grid x10). Each method's rate is chosen here: the best at matched speciality.
+  (LoRA on the grid x10). Each method's rate is chosen here: the best at matched speciality;
+  once a method's grid is run, a sitting evaluates its interpolation (the dial, WiSE-FT) at that
+  rate, and a is chosen by the same rule.
 - `--stage test` (the test split, no choice has read it; 3 seeds): each method at its chosen
-  rate (full fine-tuning at its two best), WiSE-FT of full fine-tuning and CoFiTune's dial.
+  rate (full fine-tuning at its two best), WiSE-FT of full fine-tuning and CoFiTune's dial
+  (at the chosen a's rate).
 
 Every run writes its own record file under `--records` (`records.py`), so stages, domains and
 seeds can be run in separate sittings and committed as they finish; the summary (results JSON,
@@ -38,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from jobs import Job, run_jobs  # noqa: E402
 from machine import describe  # noqa: E402
 from methods import ALPHAS, INTERPOLATIONS, Method, all_methods  # noqa: E402
-from records import key_of, read_base, run_file  # noqa: E402
+from records import key_of, planned_alphas, read_base, recorded, run_file  # noqa: E402
 from splits import DOMAINS, bench_doc_ids, write_splits  # noqa: E402
 from summary import dev_picks, for_json, markdown, pareto_png, summarize  # noqa: E402
 
@@ -149,9 +152,36 @@ def stage_rates(budget: dict, stage: str, picks: dict[str, list[float]] | None) 
     return picks
 
 
-def make_plan(budget_name: str, domain: str, stage: str, paths: dict, picks: dict | None) -> dict:
+def curves(stage: str, rates: dict, picks: dict, alphas: dict) -> dict:
+    """Where each interpolation (WiSE-FT, the dial) is evaluated. Dev: at its method's picked
+    rate, once `picks` holds it (every rate of the grid run), so the dev stage can pick a there.
+    Test: at the rate the dev stage picked a at when a < 1, else at the method's highest rate."""
+    found = {}
+    for name, (method, _) in INTERPOLATIONS.items():
+        if method not in rates or (stage == "dev" and not picks.get(method)):
+            continue
+        chosen = alphas.get(name)
+        if stage == "dev":
+            rate = picks[method][0]
+        elif chosen and chosen["alpha"] < 1:
+            rate = chosen["learning_rate"]
+        else:
+            rate = max(rates[method])
+        found[name] = {"learning_rate": rate, "alphas": ALPHAS}
+    return found
+
+
+def make_plan(
+    budget_name: str,
+    domain: str,
+    stage: str,
+    paths: dict,
+    picks: dict | None,
+    alphas: dict | None = None,
+) -> dict:
     """Everything a stage's records are measured under; `key` fingerprints what decides the
-    figures (not the paths, seeds or rates, so records of more seeds and rates add up)."""
+    figures (not the paths, seeds, rates or curves, so records of more seeds and rates add up).
+    `picks` and `alphas`: the dev stage's (in dev, only methods whose grid has been run)."""
     budget = BUDGETS[budget_name]
     evaluation, split = budget["evaluation"], budget["evaluation"][stage]
     rates = stage_rates(budget, stage, picks)
@@ -167,11 +197,7 @@ def make_plan(budget_name: str, domain: str, stage: str, paths: dict, picks: dic
         "search": budget["search"],
         "seeds": list(range(1 if stage == "dev" else budget["test_seeds"])),
         "learning_rates": rates,
-        "interpolations": {
-            name: {"learning_rate": max(rates[method]), "alphas": ALPHAS}
-            for name, (method, _) in INTERPOLATIONS.items()
-            if stage == "test" and method in rates
-        },
+        "interpolations": curves(stage, rates, picks or {}, alphas or {}),
         "evaluation": {
             "split": stage,
             "exact_match_limit": split["held_out"],
@@ -262,8 +288,15 @@ def run_stage(args: argparse.Namespace) -> None:
         "prompts": str(data / f"prompts-{args.stage}.jsonl"),
         **_write_replay(data, all_methods()),
     }
-    picks = dev_picks(records / "dev", all_methods()) if args.stage == "test" else None
-    plan = make_plan(args.budget, args.domain, args.stage, paths, picks)
+    picks, alphas = dev_picks(records / "dev", all_methods())
+    if args.stage == "dev":  # a pick counts once its method's grid is run
+        grid = stage_rates(budget, "dev", None)
+        picks = {
+            name: rates
+            for name, rates in picks.items()
+            if all(run_file(records / "dev", name, lr, 0).exists() for lr in grid[name])
+        }
+    plan = make_plan(args.budget, args.domain, args.stage, paths, picks, alphas)
     if (base := read_base(records / args.stage)) is not None and base["plan_key"] != plan["key"]:
         sys.exit(
             f"{records / args.stage} holds records of another plan (its base.json): move them "
@@ -328,10 +361,14 @@ def _jobs(
         search = [*axolotl, "cofitune-search", str(recipe)]
         chosen = (work / "search" / CHOSEN_FILE).exists
         jobs.append(Job("search", search, chosen, after=("importance", "base")))
-    curves = [curve["learning_rate"] for curve in plan["interpolations"].values()]
+    curve_rates = [curve["learning_rate"] for curve in plan["interpolations"].values()]
 
     def done(name: str, rates: list[float]) -> bool:
-        return all(run_file(records, name, lr, s).exists() for lr in rates for s in plan["seeds"])
+        return all(
+            recorded(run_file(records, name, lr, s), planned_alphas(plan, name, lr))
+            for lr in rates
+            for s in plan["seeds"]
+        )
 
     for method in sorted(planned, key=lambda m: m.layers != "search"):
         needs = ["base"]
@@ -342,7 +379,7 @@ def _jobs(
         groups = (
             [rates]
             if per_method
-            else [[lr] for lr in sorted(rates, key=lambda lr: lr not in curves)]
+            else [[lr] for lr in sorted(rates, key=lambda lr: lr not in curve_rates)]
         )
         for group in groups:
             label = method.name if per_method else f"{method.name}@{group[0]:g}"

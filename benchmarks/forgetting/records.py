@@ -6,6 +6,8 @@ Layout, under `benchmarks/results/forgetting/BUDGET/DOMAIN/STAGE/`:
   prompts (what every run's retention is measured on) and its per-item results;
 - `METHOD@RATE-seedS.json`: one trained run (with its WiSE-FT or dial points, when the plan
   evaluates them): its scores, its per-item results, and where it ran (machine, commit, date).
+  A run recorded without the curve a later plan asks of it is trained again and rewritten with
+  its points (`recorded`).
 
 Beside the stages, `DOMAIN/search/` keeps the search's trials (`trials.jsonl`), its choice
 (`chosen.yml`, what the default's rows trained) and its report; a later sitting trains the
@@ -22,6 +24,8 @@ import json
 import subprocess
 from pathlib import Path
 
+from methods import CURVE_OF
+
 BASE_FILE = "base.json"
 
 
@@ -32,6 +36,20 @@ def key_of(value: object) -> str:
 
 def run_file(records: Path, method: str, learning_rate: float, seed: int) -> Path:
     return records / f"{method}@{learning_rate:g}-seed{seed}.json"
+
+
+def planned_alphas(plan: dict, method: str, learning_rate: float) -> list[float]:
+    """The a of `method`'s interpolation the plan evaluates at `learning_rate` (none elsewhere)."""
+    points = plan["interpolations"].get(CURVE_OF.get(method), {})
+    return points["alphas"] if points.get("learning_rate") == learning_rate else []
+
+
+def recorded(path: Path, alphas: list[float]) -> bool:
+    """Whether `path` holds its trained run and a point at each of `alphas`."""
+    if not path.exists():
+        return False
+    found = {run["alpha"] for run in json.loads(path.read_text())["runs"]}
+    return None in found and set(alphas) <= found
 
 
 def provenance(repo: Path, machine: dict) -> dict:

@@ -27,7 +27,16 @@ from dft import dft_loss
 from kl import KLToBase
 from methods import CURVE_OF, Method, all_methods, trainable_names
 from mofo import mofo
-from records import BASE_FILE, key_of, provenance, read_base, run_file, write_record
+from records import (
+    BASE_FILE,
+    key_of,
+    planned_alphas,
+    provenance,
+    read_base,
+    recorded,
+    run_file,
+    write_record,
+)
 
 from cofitune_plugin import evaluation as plugin_evaluation
 from cofitune_plugin.dial import Dial
@@ -165,9 +174,8 @@ class MethodRuns:
         # The base weights come back from the checkpoint on disk: no copy is held in memory,
         # which would add a model's size to full fine-tuning's measured peak.
         curve = CURVE_OF.get(self.method.name)
-        points = self.plan["interpolations"].get(curve, {})
-        if points.get("learning_rate") == learning_rate:
-            evaluate = self._with_interpolation(evaluate, points["alphas"])
+        if alphas := planned_alphas(self.plan, self.method.name, learning_rate):
+            evaluate = self._with_interpolation(evaluate, alphas)
         kl = (
             KLToBase(self.session.model, self.base_model, self.method.kl)
             if self.method.kl
@@ -303,14 +311,30 @@ def main(plan_file: Path, name: str, learning_rate: float | None = None) -> None
     runs = None
     for lr, seed in [(lr, seed) for seed in plan["seeds"] for lr in rates]:
         path = run_file(records, name, lr, seed)
-        if path.exists():
+        if recorded(path, planned_alphas(plan, name, lr)):
             continue
+        # recorded without the curve the plan now asks of it: trained again, with its points
+        earlier = json.loads(path.read_text())["runs"][0] if path.exists() else None
         runs = runs or MethodRuns(plan, method, label)
         print(f"[{name}] lr {lr:g}, seed {seed}", flush=True)
         measured = [asdict(run) for run in runs.train(lr, seed)]
+        if earlier is not None:
+            print(f"[{name}] trained again for its curve; {_moved(earlier, measured[0])}")
         record = {"plan_key": plan["key"], "base_key": base_key, **where, "runs": measured}
         write_record(path, record)
         print(f"[{name}] written {path}", flush=True)
+
+
+def _moved(earlier: dict, again: dict) -> str:
+    """How far a run trained again moved from its record (on a CPU, not at all)."""
+    measures = ("exact_match", "heldout_nll", "retention_nll")
+    moved = {m: abs(again[m] - earlier[m]) for m in measures if again[m] != earlier[m]}
+    moved |= {
+        t: abs(v - earlier["bench"][t])
+        for t, v in again["bench"].items()
+        if v != earlier["bench"][t]
+    }
+    return f"moved from its record by {moved}" if moved else "every figure as recorded"
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 Per domain and stage, one row per method, learning rate and (for WiSE-FT and the dial) a, with
 the mean and spread over seeds. The dev stage's rows choose each method's rate (`picks`: the
-best at matched speciality); the test stage's rows, on a split no choice has read, answer the
+best at matched speciality), then the a of its interpolation at that rate (`alpha_picks`, the
+same rule: the dial's a for CoFiTune's default, WiSE-FT's for full fine-tuning); the test
+stage's rows, on a split no choice has read, answer the
 question: at speciality matched to full fine-tuning's, how much general ability does each
 method keep? Every comparison is a paired bootstrap over items and seeds
 (`cofitune_plugin/stats.py`), and the `claim` states the intervals of (CoFiTune's default -
@@ -20,7 +22,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
-from methods import INTERPOLATIONS, Method  # noqa: E402
+from methods import CURVE_OF, INTERPOLATIONS, Method  # noqa: E402
 from records import key_of, read_base, read_runs  # noqa: E402
 from scores import (  # noqa: E402
     REFERENCE,
@@ -32,6 +34,7 @@ from scores import (  # noqa: E402
     vers_retention,
 )
 
+from cofitune_plugin.matched import SPEC_MATCH, rank_at_matched_speciality  # noqa: E402
 from cofitune_plugin.stats import (  # noqa: E402
     Interval,
     bootstrap_draws,
@@ -44,10 +47,6 @@ from cofitune_plugin.stats import (  # noqa: E402
 AXES = ("vers_bench", "vers_retention")  # each is judged against spec for domination
 METRICS = ("spec", *AXES)
 MEASURES = ("exact_match", "heldout_nll", "retention_nll", "agreement", "step_seconds")
-# Matched speciality: a rate qualifies when its share of full fine-tuning's best gain reaches
-# this both in exact match (Spec) and in held-out NLL (Spec NLL, which does not saturate); among
-# those a method's best keeps the most general ability.
-SPEC_MATCH = 0.95
 # The claim's goal: retention surely above full fine-tuning's, benchmarks at most 0.01 below.
 CLAIM_GOAL = {"vers_retention": 0.0, "vers_bench": -0.01}
 DEFAULT = "cofitune-default"
@@ -73,8 +72,10 @@ def summarize(
                 entry[stage] = found
         if "dev" in entry:
             entry["dev"]["picks"] = picks(entry["dev"]["rows"])
+            entry["dev"]["alpha_picks"] = alpha_picks(entry["dev"]["rows"], entry["dev"]["picks"])
         if "test" in entry:
-            entry["claim"] = claim(entry["test"], entry.get("dev", {}).get("picks", {}))
+            dev = entry.get("dev", {})
+            entry["claim"] = claim(entry["test"], dev.get("picks", {}), dev.get("alpha_picks", {}))
         if entry:
             domains[directory.name] = entry
     return {
@@ -224,56 +225,92 @@ def difference(a: dict, b: dict) -> dict[str, Interval] | None:
     }
 
 
+def _speciality(row: dict) -> float:
+    """Matched speciality counts both exact match and held-out NLL (which does not saturate)."""
+    return min(row["spec"]["mean"], row["spec_nll"]["mean"])
+
+
+def _versatility(row: dict) -> float:
+    return (row["vers_bench"]["mean"] + row["vers_retention"]["mean"]) / 2
+
+
 def picks(rows: list[dict]) -> dict[str, list[float]]:
     """Each method's rate for the test stage, chosen on dev rows alone: among its rates with
     Spec and Spec NLL >= SPEC_MATCH, the one with the highest mean of Vers bench and Vers
     retention (else its rate of highest speciality, the lower of the two); full fine-tuning
     keeps its two best."""
-
-    def speciality(row: dict) -> float:
-        return min(row["spec"]["mean"], row["spec_nll"]["mean"])
-
     chosen: dict[str, list[float]] = {}
     for name in dict.fromkeys(r["method"] for r in rows if r["alpha"] is None):
         own = [r for r in rows if r["method"] == name and r["alpha"] is None]
-        matched = [r for r in own if speciality(r) >= SPEC_MATCH]
-        ranked = sorted(
-            matched,
-            key=lambda r: -(r["vers_bench"]["mean"] + r["vers_retention"]["mean"]) / 2,
-        ) + sorted((r for r in own if r not in matched), key=lambda r: -speciality(r))
+        ranked = rank_at_matched_speciality(own, _speciality, _versatility)
         chosen[name] = [r["learning_rate"] for r in ranked[: 2 if name == REFERENCE else 1]]
     return chosen
 
 
-def dev_picks(records: Path, methods: list[Method]) -> dict[str, list[float]]:
-    """The picks of the dev stage's committed records."""
+def alpha_picks(rows: list[dict], rates: dict[str, list[float]]) -> dict[str, dict]:
+    """Each interpolation's a at its method's picked rate, by the same rule as the rates: the
+    trained run (a = 1) and its interpolated points there, the most versatile at matched
+    speciality. Only where the dev stage evaluated the curve at that rate."""
+    chosen = {}
+    for curve, (method, _) in INTERPOLATIONS.items():
+        rate = (rates.get(method) or [None])[0]
+        points = [r for r in rows if r["method"] == curve and r["learning_rate"] == rate]
+        trained = [
+            r for r in rows if (r["method"], r["learning_rate"], r["alpha"]) == (method, rate, None)
+        ]
+        if not points or not trained:
+            continue
+        candidates = trained + sorted(points, key=lambda r: -r["alpha"])  # ties: more learned
+        best = rank_at_matched_speciality(candidates, _speciality, _versatility)[0]
+        chosen[curve] = {"learning_rate": rate, "alpha": best["alpha"] or 1.0}
+    return chosen
+
+
+def dev_picks(records: Path, methods: list[Method]) -> tuple[dict[str, list[float]], dict]:
+    """The picks of the dev stage's committed records: each method's rates (`picks`) and each
+    interpolation's a at its method's first (`alpha_picks`)."""
     found = stage_summary(
         records,
         {m.name: m for m in methods}
         | {name: Method(name, "interpolation") for name in INTERPOLATIONS},
         [m.name for m in methods] + list(INTERPOLATIONS),
     )
-    return picks(found["rows"]) if found else {}
+    if not found:
+        return {}, {}
+    rates = picks(found["rows"])
+    return rates, alpha_picks(found["rows"], rates)
 
 
-def claim(test: dict, chosen: dict[str, list[float]]) -> dict:
-    """(CoFiTune's default - full fine-tuning at its best rate) on the test split, paired 95%
-    intervals per metric, the goal's verdict, and the default against every other method at
-    its chosen rate."""
-    trained = {(r["method"], r["learning_rate"]): r for r in test["rows"] if r["alpha"] is None}
-    default = [r for (name, _), r in trained.items() if name == DEFAULT]
-    full_rate = (chosen.get(REFERENCE) or [None])[0]
-    full = trained.get((REFERENCE, full_rate))
-    if not default or full is None:
-        return {"met": None, "why": "the test stage has no default row or no full row at its pick"}
-    default = default[0]
+def claimed_row(rows: list[dict], method: str, rate: float | None, alpha: float) -> dict | None:
+    """`method`'s row at `rate`, or its interpolation's point at `alpha` when that is below 1."""
+    key = (CURVE_OF[method], rate, alpha) if alpha < 1 else (method, rate, None)
+    return next((r for r in rows if (r["method"], r["learning_rate"], r["alpha"]) == key), None)
+
+
+def claim(test: dict, chosen: dict[str, list[float]], alphas: dict[str, dict]) -> dict:
+    """(CoFiTune's default - full fine-tuning), each at its dev pick (its rate, then its
+    interpolation's a), on the test split: paired 95% intervals per metric, the goal's
+    verdict, and the default against every other method at its chosen rate."""
+    rows = test["rows"]
+
+    def pick(method: str) -> dict | None:
+        rate = (chosen.get(method) or [None])[0]
+        alpha = alphas.get(CURVE_OF[method], {}).get("alpha", 1.0)
+        return claimed_row(rows, method, rate, alpha)
+
+    default, full = pick(DEFAULT), pick(REFERENCE)
+    if default is None or full is None:
+        return {
+            "met": None,
+            "why": "the test stage has no row of the default or of full fine-tuning at its pick",
+        }
     against = difference(default, full)
     if against is None:
         return {"met": None, "why": "the default's and full fine-tuning's rows share no seed"}
     versus = {}
-    for (name, rate), row in trained.items():
-        if name != DEFAULT and (differences := difference(default, row)) is not None:
-            versus[f"{name} lr={rate:g}"] = {m: d.as_list() for m, d in differences.items()}
+    for row in rows:
+        if row is not default and (differences := difference(default, row)) is not None:
+            versus[_label(row)] = {m: d.as_list() for m, d in differences.items()}
     checks = {axis: against[axis].low > bar for axis, bar in CLAIM_GOAL.items()}
     return {
         "default": _label(default),
@@ -384,8 +421,9 @@ def markdown(results: dict) -> str:
         "- **Spec NLL**: the share of full fine-tuning's best gain in held-out NLL of the "
         "reference answers, which keeps counting where exact match saturates.",
         f"- **dev** picks each method's rate: Spec and Spec NLL >= {SPEC_MATCH}, then the "
-        "highest mean of Vers bench and Vers ret.; **test** runs the picks on a split no choice "
-        "has read.",
+        "highest mean of Vers bench and Vers ret.; then, by the same rule, the a of its "
+        "interpolation at that rate (the dial's, WiSE-FT's; a = 1 is the trained run); "
+        "**test** runs the picks on a split no choice has read.",
         "- **dominated by**: a row whose paired 95% interval (bootstrap over items and seeds) "
         "is not below this row's on Spec or the axis and above it on one (ties neither win nor "
         "lose), or a frontier line above it on both (means).",
@@ -395,6 +433,12 @@ def markdown(results: dict) -> str:
             if stage in entry:
                 lines += _stage_markdown(name, stage, entry[stage])
         if "dev" in entry:
+            on_curves = "".join(
+                f" {curve} a = {p['alpha']:g} at {p['learning_rate']:g}"
+                + (" (the trained run)" if p["alpha"] == 1 else "")
+                + ";"
+                for curve, p in entry["dev"]["alpha_picks"].items()
+            )
             lines += [
                 "",
                 f"**Picks** (dev, {name}): "
@@ -402,7 +446,8 @@ def markdown(results: dict) -> str:
                     f"{m} {'/'.join(f'{r:g}' for r in rates)}"
                     for m, rates in entry["dev"]["picks"].items()
                 )
-                + ".",
+                + "."
+                + (f" On the curves at the pick:{on_curves.rstrip(';')}." if on_curves else ""),
             ]
         if "claim" in entry:
             lines += _claim_markdown(name, entry["claim"])

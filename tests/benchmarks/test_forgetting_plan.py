@@ -12,6 +12,7 @@ forgetting = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(forgetting)
 sys.path.insert(0, str(FORGETTING))
 from methods import all_methods  # noqa: E402
+from records import run_file, write_record  # noqa: E402
 
 
 def _plan(tmp_path: Path, names: list[str]) -> tuple[dict, list]:
@@ -71,3 +72,39 @@ def test_a_later_sitting_trains_the_default_on_the_committed_search_choice(tmp_p
     plan, methods = _plan(tmp_path, ["cofitune-default"])
     jobs = forgetting._jobs(later, later / "recipe.yml", later / "p", plan, methods, False)
     assert {job.name: job.done() for job in jobs}["search"] is True
+
+
+def test_each_curve_is_evaluated_where_its_a_is_picked_and_then_checked(tmp_path):
+    """Dev: a curve at its method's pick, once the pick exists; test: at the rate the dev stage
+    picked its a at when a < 1, else at the method's highest rate."""
+
+    def curves(stage: str, picks: dict, alphas: dict) -> dict:
+        plan = forgetting.make_plan("smoke", "dates", stage, {}, picks, alphas)
+        return {name: c["learning_rate"] for name, c in plan["interpolations"].items()}
+
+    assert curves("dev", {}, {}) == {}
+    assert curves("dev", {"full": [1e-4, 1e-5]}, {}) == {"wise-ft": 1e-4}
+    picks = {"full": [1e-5, 2e-5], "cofitune-default": [8e-5]}
+    assert curves("test", picks, {}) == {"wise-ft": 2e-5, "cofitune-dial": 8e-5}
+    alphas = {
+        "wise-ft": {"learning_rate": 1e-5, "alpha": 0.75},
+        "cofitune-dial": {"learning_rate": 8e-5, "alpha": 1.0},
+    }
+    assert curves("test", picks, alphas) == {"wise-ft": 1e-5, "cofitune-dial": 8e-5}
+
+
+def test_a_run_recorded_without_the_curve_its_plan_asks_is_run_again(tmp_path):
+    plan, methods = _plan(tmp_path, ["full"])
+    plan["interpolations"] = {"wise-ft": {"learning_rate": 1e-5, "alphas": [0.5]}}
+    records = Path(plan["paths"]["records"])
+
+    def done() -> dict[str, bool]:
+        jobs = forgetting._jobs(tmp_path, tmp_path / "r.yml", tmp_path / "p", plan, methods, False)
+        return {job.name: job.done() for job in jobs if job.name.startswith("full")}
+
+    trained = {"alpha": None}
+    write_record(run_file(records, "full", 1e-5, 0), {"runs": [trained]})
+    write_record(run_file(records, "full", 1e-4, 0), {"runs": [trained]})
+    assert done() == {"full@1e-05": False, "full@0.0001": True}
+    write_record(run_file(records, "full", 1e-5, 0), {"runs": [trained, {"alpha": 0.5}]})
+    assert done() == {"full@1e-05": True, "full@0.0001": True}

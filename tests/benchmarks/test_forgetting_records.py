@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks" / "forgetting"))
 from methods import all_methods  # noqa: E402
-from records import BASE_FILE, key_of, read_runs, run_file, write_record  # noqa: E402
+from records import BASE_FILE, key_of, read_runs, recorded, run_file, write_record  # noqa: E402
 from summary import for_json, markdown, pareto_png, summarize  # noqa: E402
 
 PLAN = {
@@ -98,7 +98,13 @@ def test_runs_from_separate_sittings_add_up_and_another_plans_are_kept_apart(tmp
     _write_base(dev)
     # dev: full fine-tuning matched at 2e-5 keeps more than at 8e-5, so it is the claim's row
     _sitting(
-        dev, "c1", [_run("full", 2e-5, 0, 0.95, 0.6, 1.2), _run("full", 8e-5, 0, 1.0, 0.5, 2.0)]
+        dev,
+        "c1",
+        [
+            _run("full", 2e-5, 0, 0.95, 0.6, 1.2),
+            _run("full", 8e-5, 0, 1.0, 0.5, 2.0),
+            _run("cofitune-default", 4e-5, 0, 0.95, 0.6, 1.0),
+        ],
     )
     _write_base(test)
     _sitting(
@@ -125,7 +131,8 @@ def test_runs_from_separate_sittings_add_up_and_another_plans_are_kept_apart(tmp
     assert stage["not_comparable"] == ["lora@0.0001-seed0.json"]
 
     # the claim: the default keeps the base's answers (NLL 1.0 against 1.3), same bench rate
-    assert results["domains"]["dates"]["dev"]["picks"] == {"full": [2e-5, 8e-5]}
+    dev_picks = {"full": [2e-5, 8e-5], "cofitune-default": [4e-5]}
+    assert results["domains"]["dates"]["dev"]["picks"] == dev_picks
     claim = results["domains"]["dates"]["claim"]
     assert claim["full"] == "full lr=2e-05" and claim["seeds"] == [0, 1, 2]
     assert claim["vers_retention"][0] > 0.15
@@ -136,7 +143,67 @@ def test_runs_from_separate_sittings_add_up_and_another_plans_are_kept_apart(tmp
     table = markdown(results)
     assert "## dates, test split" in table and "## dates, dev split" in table
     assert "**Claim (dates, test split, seeds [0, 1, 2])**" in table
-    assert "**Picks** (dev, dates): full 2e-05/8e-05." in table
+    assert "**Picks** (dev, dates): full 2e-05/8e-05, cofitune-default 4e-05." in table
     pareto_png(results, tmp_path / "pareto.png")
     assert (tmp_path / "pareto.png").stat().st_size > 0
     assert "_draws" not in for_json(results)["domains"]["dates"]["test"]["rows"][0]
+
+
+def _with_curve(trained: dict, points: dict[float, tuple[float, float, float]]) -> list[dict]:
+    """A trained run and its dial points, each (hit rate, bench rate, NLL), as one record."""
+    curve = [
+        _run(trained["method"], trained["learning_rate"], trained["seed"], *point)
+        | {"method": "cofitune-dial", "alpha": alpha}
+        for alpha, point in points.items()
+    ]
+    return [trained, *curve]
+
+
+def test_the_claim_takes_the_dial_at_the_a_the_dev_stage_picked(tmp_path):
+    """Dev: the dial at a = 0.75 keeps the matched speciality and more of the base's answers
+    than the trained run, a = 0.5 learned too little; so the claim on the test split compares
+    the dial's a = 0.75 point, whatever the test split's own points say."""
+    dev, test = tmp_path / "cpu" / "dates" / "dev", tmp_path / "cpu" / "dates" / "test"
+    _write_base(dev)
+    _sitting(dev, "c1", [_run("full", 2e-5, 0, 0.95, 0.6, 1.2)])
+    default = _with_curve(
+        _run("cofitune-default", 8e-5, 0, 1.0, 0.6, 1.2),
+        {0.5: (0.6, 0.6, 1.0), 0.75: (0.97, 0.6, 1.05)},
+    )
+    path = run_file(dev, "cofitune-default", 8e-5, 0)
+    write_record(
+        path,
+        {
+            "plan_key": "plan-a",
+            "base_key": key_of(ANSWERS),
+            "commit": "c1",
+            "date": "2026-12-01",
+            "machine": {},
+            "runs": default,
+        },
+    )
+    assert recorded(path, [0.5, 0.75]) and not recorded(path, [0.25, 0.5])
+
+    _write_base(test)
+    for seed in (0, 1, 2):
+        _sitting(test, "c2", [_run("full", 2e-5, seed, 0.95, 0.6, 1.2)])
+        runs = _with_curve(
+            _run("cofitune-default", 8e-5, seed, 1.0, 0.6, 1.2),
+            {0.5: (0.6, 0.6, 1.0), 0.75: (0.97, 0.6, 1.05)},
+        )
+        write_record(
+            run_file(test, "cofitune-default", 8e-5, seed),
+            {
+                "plan_key": "plan-a",
+                "base_key": key_of(ANSWERS),
+                "commit": "c2",
+                "date": "2026-12-02",
+                "machine": {},
+                "runs": runs,
+            },
+        )
+    results = summarize(tmp_path / "cpu", all_methods(), {}, "x", 0.0)
+    entry = results["domains"]["dates"]
+    assert entry["dev"]["alpha_picks"] == {"cofitune-dial": {"learning_rate": 8e-5, "alpha": 0.75}}
+    assert entry["claim"]["default"] == "cofitune-dial lr=8e-05 a=0.75"
+    assert entry["claim"]["full"] == "full lr=2e-05"
