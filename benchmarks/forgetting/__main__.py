@@ -288,9 +288,37 @@ def run_stage(args: argparse.Namespace) -> None:
         "prompts": str(data / f"prompts-{args.stage}.jsonl"),
         **_write_replay(data, all_methods()),
     }
+    # a later sitting trains the default on the committed choice, not on a search run anew
+    if not (work / "search" / CHOSEN_FILE).exists():
+        _copy_search(records / "search", work / "search")
+    # The dev stage runs the grid, then the curves at the picks the grid settled: the plan is
+    # made again after each round, until it asks for no new curve.
+    curves_run = None
+    while (plan := _stage_plan(args, records, paths, recipe))["interpolations"] != curves_run:
+        curves_run = plan["interpolations"]
+        methods = [m for m in all_methods() if args.methods is None or m.name in args.methods]
+        plan["learning_rates"] = {
+            name: rates
+            for name, rates in plan["learning_rates"].items()
+            if name in {m.name for m in methods}
+        }
+        plan_file = work / f"plan-{args.stage}.json"
+        plan_file.write_text(json.dumps(plan, indent=1))
+        run_jobs(
+            _jobs(work, recipe, plan_file, plan, methods, args.per_method),
+            args.jobs,
+            work / "logs",
+            REPO,
+        )
+    _copy_search(work / "search", records / "search")
+
+
+def _stage_plan(args: argparse.Namespace, records: Path, paths: dict, recipe: Path) -> dict:
+    """The stage's plan from the dev stage's committed picks; in dev, a method's pick counts
+    once its grid is run (its curve is evaluated there)."""
     picks, alphas = dev_picks(records / "dev", all_methods())
-    if args.stage == "dev":  # a pick counts once its method's grid is run
-        grid = stage_rates(budget, "dev", None)
+    if args.stage == "dev":
+        grid = stage_rates(BUDGETS[args.budget], "dev", None)
         picks = {
             name: rates
             for name, rates in picks.items()
@@ -303,24 +331,7 @@ def run_stage(args: argparse.Namespace) -> None:
             "away, or pass another --records"
         )
     plan["recipe_datasets"] = yaml.safe_load(recipe.read_text())["datasets"]
-    methods = [m for m in all_methods() if args.methods is None or m.name in args.methods]
-    plan["learning_rates"] = {
-        name: rates
-        for name, rates in plan["learning_rates"].items()
-        if name in {m.name for m in methods}
-    }
-    plan_file = work / f"plan-{args.stage}.json"
-    plan_file.write_text(json.dumps(plan, indent=1))
-    # a later sitting trains the default on the committed choice, not on a search run anew
-    if not (work / "search" / CHOSEN_FILE).exists():
-        _copy_search(records / "search", work / "search")
-    run_jobs(
-        _jobs(work, recipe, plan_file, plan, methods, args.per_method),
-        args.jobs,
-        work / "logs",
-        REPO,
-    )
-    _copy_search(work / "search", records / "search")
+    return plan
 
 
 def _copy_search(source: Path, target: Path) -> None:

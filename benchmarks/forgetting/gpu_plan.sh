@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The forgetting benchmark's whole programme on one GPU, in one go: both domains, the dev stage
-# (every method on the rate grid), then the test stage (each method at its dev pick, 3 seeds,
-# WiSE-FT and the dial), then the summary. Independent runs go side by side on the one GPU (one
-# process per method and domain: the 135M model is launch-bound, not memory-bound).
+# (every method on the rate grid, then WiSE-FT and the dial at the picks), then the test stage
+# (each method at its dev pick, 3 seeds, WiSE-FT and the dial), then the summary. Independent
+# runs go side by side on the one GPU (one process per method and domain: the 135M model is
+# launch-bound, not memory-bound).
 #
 #   OUT=/some/dir bash benchmarks/forgetting/gpu_plan.sh      # from the repository root
 #   BUDGET=smoke OUT=/tmp/x bash benchmarks/forgetting/gpu_plan.sh   # the pipeline in minutes
