@@ -153,21 +153,22 @@ def stage_rates(budget: dict, stage: str, picks: dict[str, list[float]] | None) 
 
 
 def curves(stage: str, rates: dict, picks: dict, alphas: dict) -> dict:
-    """Where each interpolation (WiSE-FT, the dial) is evaluated. Dev: at its method's picked
-    rate, once `picks` holds it (every rate of the grid run), so the dev stage can pick a there.
-    Test: at the rate the dev stage picked a at when a < 1, else at the method's highest rate."""
+    """Where each interpolation (WiSE-FT, the dial) is evaluated. Dev: at each of its method's
+    picked rates (full fine-tuning's two), once `picks` holds them (every rate of the grid
+    run), so the dev stage can pick a there. Test: at the rate the dev stage picked a at when
+    a < 1, else at the method's highest rate."""
     found = {}
     for name, (method, _) in INTERPOLATIONS.items():
         if method not in rates or (stage == "dev" and not picks.get(method)):
             continue
         chosen = alphas.get(name)
         if stage == "dev":
-            rate = picks[method][0]
+            at = picks[method]
         elif chosen and chosen["alpha"] < 1:
-            rate = chosen["learning_rate"]
+            at = [chosen["learning_rate"]]
         else:
-            rate = max(rates[method])
-        found[name] = {"learning_rate": rate, "alphas": ALPHAS}
+            at = [max(rates[method])]
+        found[name] = {"learning_rates": sorted(at), "alphas": ALPHAS}
     return found
 
 
@@ -372,7 +373,9 @@ def _jobs(
         search = [*axolotl, "cofitune-search", str(recipe)]
         chosen = (work / "search" / CHOSEN_FILE).exists
         jobs.append(Job("search", search, chosen, after=("importance", "base")))
-    curve_rates = [curve["learning_rate"] for curve in plan["interpolations"].values()]
+    curve_rates = [
+        lr for curve in plan["interpolations"].values() for lr in curve["learning_rates"]
+    ]
 
     def done(name: str, rates: list[float]) -> bool:
         return all(

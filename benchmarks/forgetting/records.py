@@ -41,7 +41,7 @@ def run_file(records: Path, method: str, learning_rate: float, seed: int) -> Pat
 def planned_alphas(plan: dict, method: str, learning_rate: float) -> list[float]:
     """The a of `method`'s interpolation the plan evaluates at `learning_rate` (none elsewhere)."""
     points = plan["interpolations"].get(CURVE_OF.get(method), {})
-    return points["alphas"] if points.get("learning_rate") == learning_rate else []
+    return points["alphas"] if learning_rate in points.get("learning_rates", []) else []
 
 
 def recorded(path: Path, alphas: list[float]) -> bool:

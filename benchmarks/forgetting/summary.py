@@ -2,8 +2,8 @@
 
 Per domain and stage, one row per method, learning rate and (for WiSE-FT and the dial) a, with
 the mean and spread over seeds. The dev stage's rows choose each method's rate (`picks`: the
-best at matched speciality), then the a of its interpolation at that rate (`alpha_picks`, the
-same rule: the dial's a for CoFiTune's default, WiSE-FT's for full fine-tuning); the test
+best at matched speciality), then the a of its interpolation at its picked rates (`alpha_picks`,
+the same rule: the dial's a for CoFiTune's default, WiSE-FT's for full fine-tuning); the test
 stage's rows, on a split no choice has read, answer the
 question: at speciality matched to full fine-tuning's, how much general ability does each
 method keep? Every comparison is a paired bootstrap over items and seeds
@@ -248,21 +248,27 @@ def picks(rows: list[dict]) -> dict[str, list[float]]:
 
 
 def alpha_picks(rows: list[dict], rates: dict[str, list[float]]) -> dict[str, dict]:
-    """Each interpolation's a at its method's picked rate, by the same rule as the rates: the
-    trained run (a = 1) and its interpolated points there, the most versatile at matched
-    speciality. Only where the dev stage evaluated the curve at that rate."""
+    """Each interpolation's rate and a, among its method's picked rates (full fine-tuning's
+    two), by the same rule as the rates: the trained runs (a = 1) and their interpolated points
+    there, the most versatile at matched speciality. Only where the dev stage evaluated the
+    curve at every picked rate."""
     chosen = {}
     for curve, (method, _) in INTERPOLATIONS.items():
-        rate = (rates.get(method) or [None])[0]
-        points = [r for r in rows if r["method"] == curve and r["learning_rate"] == rate]
-        trained = [
-            r for r in rows if (r["method"], r["learning_rate"], r["alpha"]) == (method, rate, None)
-        ]
-        if not points or not trained:
-            continue
-        candidates = trained + sorted(points, key=lambda r: -r["alpha"])  # ties: more learned
-        best = rank_at_matched_speciality(candidates, _speciality, _versatility)[0]
-        chosen[curve] = {"learning_rate": rate, "alpha": best["alpha"] or 1.0}
+        candidates = []
+        for rate in rates.get(method, []):
+            trained = [
+                r
+                for r in rows
+                if (r["method"], r["learning_rate"], r["alpha"]) == (method, rate, None)
+            ]
+            points = [r for r in rows if r["method"] == curve and r["learning_rate"] == rate]
+            candidates += trained + sorted(points, key=lambda r: -r["alpha"])  # ties: more learned
+            if not trained or not points:
+                candidates = []
+                break
+        if candidates:
+            best = rank_at_matched_speciality(candidates, _speciality, _versatility)[0]
+            chosen[curve] = {"learning_rate": best["learning_rate"], "alpha": best["alpha"] or 1.0}
     return chosen
 
 
@@ -294,9 +300,10 @@ def claim(test: dict, chosen: dict[str, list[float]], alphas: dict[str, dict]) -
     rows = test["rows"]
 
     def pick(method: str) -> dict | None:
-        rate = (chosen.get(method) or [None])[0]
-        alpha = alphas.get(CURVE_OF[method], {}).get("alpha", 1.0)
-        return claimed_row(rows, method, rate, alpha)
+        point = alphas.get(CURVE_OF[method])
+        if point is None:
+            return claimed_row(rows, method, (chosen.get(method) or [None])[0], 1.0)
+        return claimed_row(rows, method, point["learning_rate"], point["alpha"])
 
     default, full = pick(DEFAULT), pick(REFERENCE)
     if default is None or full is None:
@@ -339,11 +346,14 @@ def frontiers(rows: list[dict]) -> dict[str, list[dict]]:
     }
     origin = {"method": "base", "spec": _spread([0.0])} | {axis: _spread([1.0]) for axis in AXES}
     for name, (method, _) in INTERPOLATIONS.items():
-        curve = sorted((r for r in rows if r["method"] == name), key=lambda r: r["alpha"])
-        if curve:
-            rate = curve[0]["learning_rate"]
+        rates = sorted({r["learning_rate"] for r in rows if r["method"] == name})
+        for rate in rates:
+            curve = sorted(
+                (r for r in rows if r["method"] == name and r["learning_rate"] == rate),
+                key=lambda r: r["alpha"],
+            )
             tuned = [r for r in trained.get(method, []) if r["learning_rate"] == rate]
-            lines[name] = [origin, *curve, *tuned]
+            lines[name if len(rates) == 1 else f"{name} {rate:g}"] = [origin, *curve, *tuned]
     return lines
 
 
@@ -363,7 +373,7 @@ def dominated_by(row: dict, rows: list[dict], axis: str) -> list[str]:
             above.append(_label(other))
     x, y = row["spec"]["mean"], row[axis]["mean"]
     for name, line in frontiers(rows).items():
-        if name == row["method"] or _label(row) in {_label(p) for p in line}:
+        if name.split()[0] == row["method"] or _label(row) in {_label(p) for p in line}:
             continue
         for a, b in zip(line, line[1:], strict=False):
             (x0, y0), (x1, y1) = ((p["spec"]["mean"], p[axis]["mean"]) for p in (a, b))
@@ -422,7 +432,7 @@ def markdown(results: dict) -> str:
         "reference answers, which keeps counting where exact match saturates.",
         f"- **dev** picks each method's rate: Spec and Spec NLL >= {SPEC_MATCH}, then the "
         "highest mean of Vers bench and Vers ret.; then, by the same rule, the a of its "
-        "interpolation at that rate (the dial's, WiSE-FT's; a = 1 is the trained run); "
+        "interpolation at its picked rates (the dial's, WiSE-FT's; a = 1 is the trained run); "
         "**test** runs the picks on a split no choice has read.",
         "- **dominated by**: a row whose paired 95% interval (bootstrap over items and seeds) "
         "is not below this row's on Spec or the axis and above it on one (ties neither win nor "
@@ -567,8 +577,9 @@ def _draw(ax, rows: list[dict], x_of: Callable[[dict], dict], axis: str) -> None
         xs = [x_of(p)["mean"] for p in line]
         ys = [p[axis]["mean"] for p in line]
         ax.plot(xs, ys, "-o", markersize=4, label=f"{line_name} (line)", zorder=1)
+    on_lines = {_label(p) for line in lines.values() for p in line}
     for i, row in enumerate(rows):
-        if row["method"] in lines:
+        if _label(row) in on_lines:
             continue
         x, y = x_of(row), row[axis]
         ax.errorbar(

@@ -75,27 +75,27 @@ def test_a_later_sitting_trains_the_default_on_the_committed_search_choice(tmp_p
 
 
 def test_each_curve_is_evaluated_where_its_a_is_picked_and_then_checked(tmp_path):
-    """Dev: a curve at its method's pick, once the pick exists; test: at the rate the dev stage
-    picked its a at when a < 1, else at the method's highest rate."""
+    """Dev: a curve at each of its method's picks, once they exist; test: at the rate the dev
+    stage picked its a at when a < 1, else at the method's highest rate."""
 
     def curves(stage: str, picks: dict, alphas: dict) -> dict:
         plan = forgetting.make_plan("smoke", "dates", stage, {}, picks, alphas)
-        return {name: c["learning_rate"] for name, c in plan["interpolations"].items()}
+        return {name: c["learning_rates"] for name, c in plan["interpolations"].items()}
 
     assert curves("dev", {}, {}) == {}
-    assert curves("dev", {"full": [1e-4, 1e-5]}, {}) == {"wise-ft": 1e-4}
+    assert curves("dev", {"full": [1e-4, 1e-5]}, {}) == {"wise-ft": [1e-5, 1e-4]}
     picks = {"full": [1e-5, 2e-5], "cofitune-default": [8e-5]}
-    assert curves("test", picks, {}) == {"wise-ft": 2e-5, "cofitune-dial": 8e-5}
+    assert curves("test", picks, {}) == {"wise-ft": [2e-5], "cofitune-dial": [8e-5]}
     alphas = {
         "wise-ft": {"learning_rate": 1e-5, "alpha": 0.75},
         "cofitune-dial": {"learning_rate": 8e-5, "alpha": 1.0},
     }
-    assert curves("test", picks, alphas) == {"wise-ft": 1e-5, "cofitune-dial": 8e-5}
+    assert curves("test", picks, alphas) == {"wise-ft": [1e-5], "cofitune-dial": [8e-5]}
 
 
 def test_a_run_recorded_without_the_curve_its_plan_asks_is_run_again(tmp_path):
     plan, methods = _plan(tmp_path, ["full"])
-    plan["interpolations"] = {"wise-ft": {"learning_rate": 1e-5, "alphas": [0.5]}}
+    plan["interpolations"] = {"wise-ft": {"learning_rates": [1e-5], "alphas": [0.5]}}
     records = Path(plan["paths"]["records"])
 
     def done() -> dict[str, bool]:

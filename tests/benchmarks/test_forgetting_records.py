@@ -165,7 +165,16 @@ def test_the_claim_takes_the_dial_at_the_a_the_dev_stage_picked(tmp_path):
     the dial's a = 0.75 point, whatever the test split's own points say."""
     dev, test = tmp_path / "cpu" / "dates" / "dev", tmp_path / "cpu" / "dates" / "test"
     _write_base(dev)
-    _sitting(dev, "c1", [_run("full", 2e-5, 0, 0.95, 0.6, 1.2)])
+    # full fine-tuning's two picks with WiSE-FT: dialled back, the second keeps the matched
+    # speciality and more than either trained run, so WiSE-FT's a is chosen there
+    record = {"plan_key": "plan-a", "base_key": key_of(ANSWERS), "commit": "c1"}
+    for rate, hits, nll, point in ((2e-5, 0.95, 1.2, 0.7), (4e-5, 0.98, 1.4, 0.96)):
+        full = _with_curve(_run("full", rate, 0, hits, 0.6, nll), {0.75: (point, 0.6, 1.1)})
+        full[1]["method"] = "wise-ft"
+        write_record(
+            run_file(dev, "full", rate, 0),
+            record | {"date": "2026-12-01", "machine": {}, "runs": full},
+        )
     default = _with_curve(
         _run("cofitune-default", 8e-5, 0, 1.0, 0.6, 1.2),
         {0.5: (0.6, 0.6, 1.0), 0.75: (0.97, 0.6, 1.05)},
@@ -187,6 +196,7 @@ def test_the_claim_takes_the_dial_at_the_a_the_dev_stage_picked(tmp_path):
     _write_base(test)
     for seed in (0, 1, 2):
         _sitting(test, "c2", [_run("full", 2e-5, seed, 0.95, 0.6, 1.2)])
+        _sitting(test, "c2", [_run("wise-ft", 4e-5, seed, 0.96, 0.6, 1.1) | {"alpha": 0.75}])
         runs = _with_curve(
             _run("cofitune-default", 8e-5, seed, 1.0, 0.6, 1.2),
             {0.5: (0.6, 0.6, 1.0), 0.75: (0.97, 0.6, 1.05)},
@@ -204,6 +214,10 @@ def test_the_claim_takes_the_dial_at_the_a_the_dev_stage_picked(tmp_path):
         )
     results = summarize(tmp_path / "cpu", all_methods(), {}, "x", 0.0)
     entry = results["domains"]["dates"]
-    assert entry["dev"]["alpha_picks"] == {"cofitune-dial": {"learning_rate": 8e-5, "alpha": 0.75}}
+    assert sorted(entry["dev"]["picks"]["full"]) == [2e-5, 4e-5]
+    assert entry["dev"]["alpha_picks"] == {
+        "cofitune-dial": {"learning_rate": 8e-5, "alpha": 0.75},
+        "wise-ft": {"learning_rate": 4e-5, "alpha": 0.75},
+    }
     assert entry["claim"]["default"] == "cofitune-dial lr=8e-05 a=0.75"
-    assert entry["claim"]["full"] == "full lr=2e-05"
+    assert entry["claim"]["full"] == "wise-ft lr=4e-05 a=0.75"
