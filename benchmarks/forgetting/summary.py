@@ -442,7 +442,7 @@ def markdown(results: dict) -> str:
         for stage in ("dev", "test"):
             if stage in entry:
                 lines += _stage_markdown(name, stage, entry[stage])
-        if "dev" in entry:
+        if entry.get("dev", {}).get("picks"):
             on_curves = "".join(
                 f" {curve} a = {p['alpha']:g} at {p['learning_rate']:g}"
                 + (" (the trained run)" if p["alpha"] == 1 else "")
