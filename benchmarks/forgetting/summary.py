@@ -254,27 +254,25 @@ def alpha_picks(rows: list[dict], rates: dict[str, list[float]]) -> dict[str, di
     curve at every picked rate."""
     chosen = {}
     for curve, (method, _) in INTERPOLATIONS.items():
-        candidates = []
-        for rate in rates.get(method, []):
-            trained = [
-                r
-                for r in rows
-                if (r["method"], r["learning_rate"], r["alpha"]) == (method, rate, None)
-            ]
-            points = [r for r in rows if r["method"] == curve and r["learning_rate"] == rate]
-            candidates += trained + sorted(points, key=lambda r: -r["alpha"])  # ties: more learned
-            if not trained or not points:
-                candidates = []
-                break
-        if candidates:
-            best = rank_at_matched_speciality(candidates, _speciality, _versatility)[0]
-            chosen[curve] = {"learning_rate": best["learning_rate"], "alpha": best["alpha"] or 1.0}
+        picked = rates.get(method, [])
+        points = [r for r in rows if r["method"] == curve and r["learning_rate"] in picked]
+        if not picked or {r["learning_rate"] for r in points} != set(picked):
+            continue
+        trained = [
+            r
+            for r in rows
+            if r["method"] == method and r["alpha"] is None and r["learning_rate"] in picked
+        ]
+        # ties go to the trained runs, then to the larger a: the ones that learned more
+        candidates = trained + sorted(points, key=lambda r: -r["alpha"])
+        best = rank_at_matched_speciality(candidates, _speciality, _versatility)[0]
+        chosen[curve] = {"learning_rate": best["learning_rate"], "alpha": best["alpha"] or 1.0}
     return chosen
 
 
 def dev_picks(records: Path, methods: list[Method]) -> tuple[dict[str, list[float]], dict]:
     """The picks of the dev stage's committed records: each method's rates (`picks`) and each
-    interpolation's a at its method's first (`alpha_picks`)."""
+    interpolation's rate and a among its method's picked rates (`alpha_picks`)."""
     found = stage_summary(
         records,
         {m.name: m for m in methods}
@@ -443,10 +441,9 @@ def markdown(results: dict) -> str:
             if stage in entry:
                 lines += _stage_markdown(name, stage, entry[stage])
         if entry.get("dev", {}).get("picks"):
-            on_curves = "".join(
-                f" {curve} a = {p['alpha']:g} at {p['learning_rate']:g}"
+            on_curves = "; ".join(
+                f"{curve} a = {p['alpha']:g} at {p['learning_rate']:g}"
                 + (" (the trained run)" if p["alpha"] == 1 else "")
-                + ";"
                 for curve, p in entry["dev"]["alpha_picks"].items()
             )
             lines += [
@@ -457,7 +454,7 @@ def markdown(results: dict) -> str:
                     for m, rates in entry["dev"]["picks"].items()
                 )
                 + "."
-                + (f" On the curves at the pick:{on_curves.rstrip(';')}." if on_curves else ""),
+                + (f" On the curves at the picks: {on_curves}." if on_curves else ""),
             ]
         if "claim" in entry:
             lines += _claim_markdown(name, entry["claim"])
