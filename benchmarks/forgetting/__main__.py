@@ -4,7 +4,8 @@ On the embedded SmolLM2-135M-Instruct, per domain (`splits.DOMAINS`: dates to IS
 arithmetic word problems) and with one shared budget (same data, steps, schedule), it trains and
 evaluates full fine-tuning, its rivals (Axolotl's EAFT loss, replay of general text, LoRA,
 LLaMA-Factory's layer freezing, Spectrum, HFT) and CoFiTune (coarse, with each soft mask, and as
-the README runs it), in two stages:
+the README runs it, beside the same selection without a mask and with the mask permuted: the fine
+level's controls), in two stages:
 
 - `--stage dev` (the dev split, one seed): every method at every rate of one geometric grid
   (LoRA on the grid x10). Each method's rate is chosen here: the best at matched speciality;
@@ -369,6 +370,18 @@ def _jobs(
     planned = [m for m in methods if m.name in plan["learning_rates"]]
     if any(m.soft_mask for m in planned):
         jobs.append(Job("importance", importance, (work / "importance" / "manifest.json").exists))
+    if any(m.permuted_mask for m in planned):
+        # the fine level's control: the measured importance, permuted (`permuted.py`)
+        target = work / "importance-permuted"
+        permute = [
+            sys.executable,
+            str(Path(__file__).with_name("permuted.py")),
+            str(work / "importance"),
+            str(target),
+        ]
+        jobs.append(
+            Job("importance-permuted", permute, (target / "manifest.json").exists, ("importance",))
+        )
     if any(m.layers == "search" for m in planned):
         search = [*axolotl, "cofitune-search", str(recipe)]
         chosen = (work / "search" / CHOSEN_FILE).exists
@@ -387,6 +400,7 @@ def _jobs(
     for method in sorted(planned, key=lambda m: m.layers != "search"):
         needs = ["base"]
         needs += ["importance"] * bool(method.soft_mask)
+        needs += ["importance-permuted"] * method.permuted_mask
         needs += ["search"] * (method.layers == "search")
         rates = plan["learning_rates"][method.name]
         # a run with a curve to evaluate is its method's longest: it starts first

@@ -11,6 +11,7 @@ option. The rates each method runs at are the plan's (`__main__.py`), not the me
 
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from kl import BETA as KL_BETA
@@ -51,7 +52,8 @@ class Method:
     `config`: Axolotl keys the run sets (EAFT's loss). `replay`: the share of the training rows
     that are general text. `mofo`: trained with MoFO (`mofo.py`) instead of AdamW. `kl`: the
     weight of a KL term to the base in the loss (`kl.py`), 0 for none. `dft`: trained with the
-    DFT loss (`dft.py`).
+    DFT loss (`dft.py`). `permuted_mask`: the soft mask from the importance's permuted copy
+    (`permuted.py`), the fine level's control.
     `default_recipe`: CoFiTune as the README tells a user to run it.
     """
 
@@ -67,7 +69,12 @@ class Method:
     mofo: bool = False
     kl: float = 0.0
     dft: bool = False
+    permuted_mask: bool = False
     default_recipe: bool = False
+
+    def importance(self, work: Path) -> Path:
+        """The importance this method's mask is made from, in the benchmark's work dir."""
+        return work / ("importance-permuted" if self.permuted_mask else "importance")
 
 
 # The share of general text in the training rows of each replay method.
@@ -91,6 +98,23 @@ def all_methods() -> list[Method]:
             layers="search",
             soft_mask="update",
             default_recipe=True,
+        ),
+        # the fine level's questions, on the default's own selection: what the mask adds, and
+        # whether the importance behind it does more than a mask of the same strength at random
+        Method(
+            "cofitune-default-unmasked",
+            "cofitune",
+            "the search's selection without a soft mask",
+            layers="search",
+        ),
+        Method(
+            "cofitune-default-permuted",
+            "cofitune",
+            "the search's selection with the update mask of the importance permuted within "
+            "each layer and unit type (same strength, no information)",
+            layers="search",
+            soft_mask="update",
+            permuted_mask=True,
         ),
         Method("cofitune", description="CoFiTune coarse: ffn in 25%-50%, no mask", **cofitune),
         Method(

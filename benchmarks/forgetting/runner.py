@@ -113,7 +113,7 @@ class MethodRuns:
             recipe_mask = yaml.safe_load((work / "recipe.yml").read_text())["cofitune"]["soft_mask"]
             overrides["cofitune__soft_mask"] = method.soft_mask and {
                 **recipe_mask,
-                "importance": str(work / "importance"),
+                "importance": str(method.importance(work)),
                 "apply_to": method.soft_mask,
             }
         self.session = Session(work / "recipe.yml", **overrides)

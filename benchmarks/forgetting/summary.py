@@ -50,6 +50,10 @@ MEASURES = ("exact_match", "heldout_nll", "retention_nll", "agreement", "step_se
 # The claim's goal: retention surely above full fine-tuning's, benchmarks at most 0.01 below.
 CLAIM_GOAL = {"vers_retention": 0.0, "vers_bench": -0.01}
 DEFAULT = "cofitune-default"
+# The fine level's questions, each answered by the default against a control (`methods.py`):
+# what the soft mask adds to the selection, and whether its importance beats the same mask at
+# random.
+FINE_LEVEL = {"mask": "cofitune-default-unmasked", "importance": "cofitune-default-permuted"}
 
 
 def summarize(
@@ -76,6 +80,7 @@ def summarize(
         if "test" in entry:
             dev = entry.get("dev", {})
             entry["claim"] = claim(entry["test"], dev.get("picks", {}), dev.get("alpha_picks", {}))
+            entry["fine_level"] = fine_level(entry["test"], dev.get("picks", {}))
         if entry:
             domains[directory.name] = entry
     return {
@@ -329,6 +334,30 @@ def claim(test: dict, chosen: dict[str, list[float]], alphas: dict[str, dict]) -
     }
 
 
+def fine_level(test: dict, chosen: dict[str, list[float]]) -> dict:
+    """(CoFiTune's default - each fine-level control), each trained run at its dev pick (a = 1:
+    the question is the mask's, not the dial's), on the test split: paired 95% intervals per
+    metric. A question whose rows are not both in the test stage is left out."""
+    rows = test["rows"]
+
+    def pick(method: str) -> dict | None:
+        return claimed_row(rows, method, (chosen.get(method) or [None])[0], 1.0)
+
+    found = {}
+    for question, control in FINE_LEVEL.items():
+        default, other = pick(DEFAULT), pick(control)
+        if default is None or other is None or (against := difference(default, other)) is None:
+            continue
+        found[question] = {
+            "default": _label(default),
+            "control": _label(other),
+            "seeds": [seed for seed in default["seeds"] if seed in other["seeds"]],
+            **{m: against[m].as_list() for m in METRICS},
+            "estimate": {m: against[m].estimate for m in METRICS},
+        }
+    return found
+
+
 def frontiers(rows: list[dict]) -> dict[str, list[dict]]:
     """The lines points make: a method's over its learning rates (full fine-tuning's, CoFiTune's
     default's), and each interpolation's curve (WiSE-FT, the dial) from the base (a = 0, Spec 0,
@@ -458,6 +487,17 @@ def markdown(results: dict) -> str:
             ]
         if "claim" in entry:
             lines += _claim_markdown(name, entry["claim"])
+        for question, found in entry.get("fine_level", {}).items():
+            lines += [
+                "",
+                f"**Fine level ({name}, {question}; test split, seeds {found['seeds']})**: "
+                f"`{found['default']}` - `{found['control']}`: "
+                + ", ".join(
+                    f"{m} {found['estimate'][m]:+.4f} [{found[m][0]:+.4f}, {found[m][1]:+.4f}]"
+                    for m in METRICS
+                )
+                + ".",
+            ]
     if not results["domains"]:
         lines += ["", "**No records yet.**"]
     return "\n".join(lines) + "\n"

@@ -43,6 +43,20 @@ def test_a_sitting_runs_the_importance_and_search_only_for_methods_that_need_the
     ]
 
 
+def test_the_permuted_control_waits_on_the_importance_it_permutes(tmp_path):
+    plan, methods = _plan(tmp_path, ["cofitune-default-permuted"])
+    jobs = forgetting._jobs(tmp_path, tmp_path / "recipe.yml", tmp_path / "p", plan, methods, False)
+    after = {job.name: job.after for job in jobs}
+    assert after["importance-permuted"] == ("importance",)
+    assert after["cofitune-default-permuted@1e-05"] == (
+        "base",
+        "importance",
+        "importance-permuted",
+        "search",
+    )
+    assert "importance-permuted" not in _job_names(tmp_path, ["cofitune-default"])
+
+
 def test_a_test_stages_key_holds_when_later_sittings_pick_more_methods(tmp_path):
     """Test records of full fine-tuning and the default stay comparable when the dev records of
     other methods arrive later: a record is of one method at one rate, and the claim reads the
