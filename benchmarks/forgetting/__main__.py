@@ -370,9 +370,9 @@ def _jobs(
     planned = [m for m in methods if m.name in plan["learning_rates"]]
     if any(m.soft_mask for m in planned):
         jobs.append(Job("importance", importance, (work / "importance" / "manifest.json").exists))
-    if any(m.permuted_mask for m in planned):
+    if controls := [m for m in planned if m.permuted_mask]:
         # the fine level's control: the measured importance, permuted (`permuted.py`)
-        target = work / "importance-permuted"
+        target = controls[0].importance(work)
         permute = [
             sys.executable,
             str(Path(__file__).with_name("permuted.py")),
