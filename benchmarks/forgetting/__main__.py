@@ -11,9 +11,9 @@ level's controls), in two stages:
   (LoRA on the grid x10). Each method's rate is chosen here: the best at matched speciality;
   once a method's grid is run, a sitting evaluates its interpolation (the dial, WiSE-FT) at that
   rate, and a is chosen by the same rule.
-- `--stage test` (the test split, no choice has read it; 3 seeds): each method at its chosen
-  rate (full fine-tuning at its two best), WiSE-FT of full fine-tuning and CoFiTune's dial
-  (at the chosen a's rate).
+- `--stage test` (the test split, no choice has read it; 3 seeds): each method whose dev grid is
+  whole at its chosen rate (full fine-tuning at its two best), WiSE-FT of full fine-tuning and
+  CoFiTune's dial (at the chosen a's rate).
 
 Every run writes its own record file under `--records` (`records.py`), so stages, domains and
 seeds can be run in separate sittings and committed as they finish; the summary (results JSON,
@@ -316,16 +316,22 @@ def run_stage(args: argparse.Namespace) -> None:
 
 
 def _stage_plan(args: argparse.Namespace, records: Path, paths: dict, recipe: Path) -> dict:
-    """The stage's plan from the dev stage's committed picks; in dev, a method's pick counts
-    once its grid is run (its curve is evaluated there)."""
+    """The stage's plan from the dev stage's committed picks. A method's pick counts once its
+    grid is run (a pick over part of the grid can still move): in dev, its curve is evaluated
+    there; a test stage runs only such methods, and refuses one named in --methods whose grid
+    is not whole."""
     picks, alphas = dev_picks(records / "dev", all_methods())
-    if args.stage == "dev":
-        grid = stage_rates(BUDGETS[args.budget], "dev", None)
-        picks = {
-            name: rates
-            for name, rates in picks.items()
-            if all(run_file(records / "dev", name, lr, 0).exists() for lr in grid[name])
-        }
+    picks, missing = settled_picks(picks, stage_rates(BUDGETS[args.budget], "dev", None), records)
+    if args.stage == "test" and (
+        unsettled := {n: r for n, r in missing.items() if args.methods and n in args.methods}
+    ):
+        sys.exit(
+            "the test stage runs a method at the rate its whole dev grid picked; run these "
+            "first (--stage dev): "
+            + "; ".join(f"{n} at {', '.join(f'{lr:g}' for lr in r)}" for n, r in unsettled.items())
+        )
+    if args.stage == "test" and missing:
+        print(f"left out until their dev grid is whole: {', '.join(missing)}", flush=True)
     plan = make_plan(args.budget, args.domain, args.stage, paths, picks, alphas)
     if (base := read_base(records / args.stage)) is not None and base["plan_key"] != plan["key"]:
         sys.exit(
@@ -334,6 +340,19 @@ def _stage_plan(args: argparse.Namespace, records: Path, paths: dict, recipe: Pa
         )
     plan["recipe_datasets"] = yaml.safe_load(recipe.read_text())["datasets"]
     return plan
+
+
+def settled_picks(
+    picks: dict[str, list[float]], grid: dict[str, list[float]], records: Path
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """The picks of methods whose dev grid has every rate recorded, and for each other picked
+    method the grid's rates it still lacks."""
+    missing = {
+        name: [lr for lr in grid[name] if not run_file(records / "dev", name, lr, 0).exists()]
+        for name in picks
+    }
+    settled = {name: rates for name, rates in picks.items() if not missing[name]}
+    return settled, {name: rates for name, rates in missing.items() if rates}
 
 
 def _copy_search(source: Path, target: Path) -> None:
