@@ -322,15 +322,13 @@ def _stage_plan(args: argparse.Namespace, records: Path, paths: dict, recipe: Pa
     is not whole."""
     picks, alphas = dev_picks(records / "dev", all_methods())
     picks, missing = settled_picks(picks, stage_rates(BUDGETS[args.budget], "dev", None), records)
-    if args.stage == "test" and (
-        unsettled := {n: r for n, r in missing.items() if args.methods and n in args.methods}
-    ):
-        sys.exit(
-            "the test stage runs a method at the rate its whole dev grid picked; run these "
-            "first (--stage dev): "
-            + "; ".join(f"{n} at {', '.join(f'{lr:g}' for lr in r)}" for n, r in unsettled.items())
-        )
     if args.stage == "test" and missing:
+        if named := {n: r for n, r in missing.items() if n in (args.methods or ())}:
+            sys.exit(
+                "the test stage runs a method at the rate its whole dev grid picked; run these "
+                "first (--stage dev): "
+                + "; ".join(f"{n} at {', '.join(f'{lr:g}' for lr in r)}" for n, r in named.items())
+            )
         print(f"left out until their dev grid is whole: {', '.join(missing)}", flush=True)
     plan = make_plan(args.budget, args.domain, args.stage, paths, picks, alphas)
     if (base := read_base(records / args.stage)) is not None and base["plan_key"] != plan["key"]:
