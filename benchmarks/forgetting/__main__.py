@@ -385,7 +385,8 @@ def _jobs(
     # base prepares the training data that every later job reads (so never two at once)
     jobs = [Job("base", [*runner, "base"], lambda: read_base(records) is not None)]
     planned = [m for m in methods if m.name in plan["learning_rates"]]
-    if any(m.soft_mask for m in planned):
+    masked = any(m.soft_mask for m in planned)
+    if masked:
         jobs.append(Job("importance", importance, (work / "importance" / "manifest.json").exists))
     if controls := [m for m in planned if m.permuted_mask]:
         # the fine level's control: the measured importance, permuted (`permuted.py`)
@@ -402,7 +403,7 @@ def _jobs(
     if any(m.layers == "search" for m in planned):
         search = [*axolotl, "cofitune-search", str(recipe)]
         chosen = (work / "search" / CHOSEN_FILE).exists
-        jobs.append(Job("search", search, chosen, after=("importance", "base")))
+        jobs.append(Job("search", search, chosen, after=("importance",) * masked + ("base",)))
     curve_rates = [
         lr for curve in plan["interpolations"].values() for lr in curve["learning_rates"]
     ]
@@ -463,7 +464,8 @@ def _write_recipe(work: Path, budget: dict) -> Path:
         },
         "eval_batch_size": evaluation["batch_size"],
     }
-    block["soft_mask"] |= {
+    # the masked methods' block (the default trains without one; `runner.py` sets each run's)
+    block["soft_mask"] = {
         "importance": str(work / "importance"),
         "datasets": [
             {"path": str(data / "general_text.jsonl"), "ds_type": "json", "type": "completion"}

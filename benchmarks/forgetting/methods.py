@@ -33,10 +33,15 @@ LINEAR_TYPES = (
 
 # Rows evaluated between the base and a trained run, base + a (tuned - base), by name: the method
 # whose run at its highest rate they interpolate, and what they are. Full fine-tuning's is WiSE-FT;
-# CoFiTune's default's is the plugin's dial (`axolotl cofitune-dial`) on the selection.
+# CoFiTune's default's is the plugin's dial (`axolotl cofitune-dial`) on the selection, and so is
+# the masked default's (the default until the fine level's test, so its records carry it).
 INTERPOLATIONS = {
     "wise-ft": ("full", "WiSE-FT: base + a (full - base)"),
     "cofitune-dial": ("cofitune-default", "the dial: base + a (CoFiTune's default - base)"),
+    "cofitune-dial-masked": (
+        "cofitune-default-masked",
+        "the dial on the masked default: base + a (masked default - base)",
+    ),
 }
 ALPHAS = [0.25, 0.5, 0.75]
 CURVE_OF = {method: name for name, (method, _) in INTERPOLATIONS.items()}  # method -> its curve
@@ -94,18 +99,19 @@ def all_methods() -> list[Method]:
             "cofitune-default",
             "cofitune",
             "CoFiTune as README runs it: the selection `axolotl cofitune-search` chose, "
-            "with the default soft mask (update)",
+            "no soft mask",
             layers="search",
-            soft_mask="update",
             default_recipe=True,
         ),
-        # the fine level's questions, on the default's own selection: what the mask adds, and
-        # whether the importance behind it does more than a mask of the same strength at random
+        # the fine level's questions, on the default's own selection: what the update mask adds
+        # (the default until the dates test split found it to be a smaller step), and whether the
+        # importance behind it does more than a mask of the same strength at random
         Method(
-            "cofitune-default-unmasked",
+            "cofitune-default-masked",
             "cofitune",
-            "the search's selection without a soft mask",
+            "the search's selection with the update mask (soft_mask, apply_to: update)",
             layers="search",
+            soft_mask="update",
         ),
         Method(
             "cofitune-default-permuted",

@@ -50,10 +50,13 @@ MEASURES = ("exact_match", "heldout_nll", "retention_nll", "agreement", "step_se
 # The claim's goal: retention surely above full fine-tuning's, benchmarks at most 0.01 below.
 CLAIM_GOAL = {"vers_retention": 0.0, "vers_bench": -0.01}
 DEFAULT = "cofitune-default"
-# The fine level's questions, each answered by the default against a control (`methods.py`):
-# what the soft mask adds to the selection, and whether its importance beats the same mask at
-# random.
-FINE_LEVEL = {"mask": "cofitune-default-unmasked", "importance": "cofitune-default-permuted"}
+# The fine level's questions on the default's selection, each (with, without) the thing asked
+# about (`methods.py`): what the update mask adds to the selection, and whether its importance
+# beats the same mask at random.
+FINE_LEVEL = {
+    "mask": ("cofitune-default-masked", DEFAULT),
+    "importance": ("cofitune-default-masked", "cofitune-default-permuted"),
+}
 
 
 def summarize(
@@ -335,23 +338,24 @@ def claim(test: dict, chosen: dict[str, list[float]], alphas: dict[str, dict]) -
 
 
 def fine_level(test: dict, chosen: dict[str, list[float]]) -> dict:
-    """(CoFiTune's default - each fine-level control), each trained run at its dev pick (a = 1:
-    the question is the mask's, not the dial's), on the test split: paired 95% intervals per
-    metric. A question whose rows are not both in the test stage is left out."""
+    """(the selection with - without) what each fine-level question asks about, each trained
+    run at its dev pick (a = 1: the question is the mask's, not the dial's), on the test split:
+    paired 95% intervals per metric. A question whose rows are not both in the test stage is
+    left out."""
     rows = test["rows"]
 
     def pick(method: str) -> dict | None:
         return claimed_row(rows, method, (chosen.get(method) or [None])[0], 1.0)
 
     found = {}
-    for question, control in FINE_LEVEL.items():
-        default, other = pick(DEFAULT), pick(control)
-        if default is None or other is None or (against := difference(default, other)) is None:
+    for question, (subject, control) in FINE_LEVEL.items():
+        with_it, other = pick(subject), pick(control)
+        if with_it is None or other is None or (against := difference(with_it, other)) is None:
             continue
         found[question] = {
-            "default": _label(default),
+            "with": _label(with_it),
             "control": _label(other),
-            "seeds": [seed for seed in default["seeds"] if seed in other["seeds"]],
+            "seeds": [seed for seed in with_it["seeds"] if seed in other["seeds"]],
             **{m: against[m].as_list() for m in METRICS},
             "estimate": {m: against[m].estimate for m in METRICS},
         }
@@ -491,7 +495,7 @@ def markdown(results: dict) -> str:
             lines += [
                 "",
                 f"**Fine level ({name}, {question}; test split, seeds {found['seeds']})**: "
-                f"`{found['default']}` - `{found['control']}`: "
+                f"`{found['with']}` - `{found['control']}`: "
                 + ", ".join(
                     f"{m} {found['estimate'][m]:+.4f} [{found[m][0]:+.4f}, {found[m][1]:+.4f}]"
                     for m in METRICS
