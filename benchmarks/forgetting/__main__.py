@@ -404,9 +404,6 @@ def _jobs(
         search = [*axolotl, "cofitune-search", str(recipe)]
         chosen = (work / "search" / CHOSEN_FILE).exists
         jobs.append(Job("search", search, chosen, after=("importance",) * masked + ("base",)))
-    curve_rates = [
-        lr for curve in plan["interpolations"].values() for lr in curve["learning_rates"]
-    ]
 
     def done(name: str, rates: list[float]) -> bool:
         return all(
@@ -421,11 +418,14 @@ def _jobs(
         needs += ["importance-permuted"] * method.permuted_mask
         needs += ["search"] * (method.layers == "search")
         rates = plan["learning_rates"][method.name]
-        # a run with a curve to evaluate is its method's longest: it starts first
+        # a run with its own curve to evaluate is its method's longest: it starts first
         groups = (
             [rates]
             if per_method
-            else [[lr] for lr in sorted(rates, key=lambda lr: lr not in curve_rates)]
+            else [
+                [lr]
+                for lr in sorted(rates, key=lambda lr: not planned_alphas(plan, method.name, lr))
+            ]
         )
         for group in groups:
             label = method.name if per_method else f"{method.name}@{group[0]:g}"

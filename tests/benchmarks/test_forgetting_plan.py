@@ -39,6 +39,15 @@ def test_a_sitting_runs_the_importance_and_search_only_for_methods_that_need_the
     assert masked[:4] == ["base", "importance", "search", "cofitune-default-masked@1e-05"]
 
 
+def test_a_run_with_its_own_curve_starts_first_and_another_methods_curve_moves_nothing(tmp_path):
+    plan, methods = _plan(tmp_path, ["full", "cofitune-default"])
+    plan["interpolations"] = {"wise-ft": {"learning_rates": [1e-4], "alphas": [0.5]}}
+    jobs = forgetting._jobs(tmp_path, tmp_path / "recipe.yml", tmp_path / "p", plan, methods, False)
+    names = [job.name for job in jobs]
+    assert names.index("full@0.0001") < names.index("full@1e-05")
+    assert names.index("cofitune-default@1e-05") < names.index("cofitune-default@0.0001")
+
+
 def test_the_permuted_control_waits_on_the_importance_it_permutes(tmp_path):
     plan, methods = _plan(tmp_path, ["cofitune-default-permuted"])
     jobs = forgetting._jobs(tmp_path, tmp_path / "recipe.yml", tmp_path / "p", plan, methods, False)
