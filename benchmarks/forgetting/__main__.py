@@ -12,8 +12,8 @@ level's controls), in two stages:
   once a method's grid is run, a sitting evaluates its interpolation (the dial, WiSE-FT) at that
   rate, and a is chosen by the same rule.
 - `--stage test` (the test split, no choice has read it; 3 seeds): each method whose dev grid is
-  whole at its chosen rate (full fine-tuning at its two best), WiSE-FT of full fine-tuning and
-  CoFiTune's dial (at the chosen a's rate).
+  whole at its chosen rate (full fine-tuning and CoFiTune's default at their two best), WiSE-FT
+  of full fine-tuning and CoFiTune's dial (at the chosen a's rate).
 
 Every run writes its own record file under `--records` (`records.py`), so stages, domains and
 seeds can be run in separate sittings and committed as they finish; the summary (results JSON,

@@ -245,13 +245,16 @@ def _versatility(row: dict) -> float:
 def picks(rows: list[dict]) -> dict[str, list[float]]:
     """Each method's rate for the test stage, chosen on dev rows alone: among its rates with
     Spec and Spec NLL >= SPEC_MATCH, the one with the highest mean of Vers bench and Vers
-    retention (else its rate of highest speciality, the lower of the two); full fine-tuning
-    keeps its two best."""
+    retention (else its rate of highest speciality, the lower of the two). The claim's two
+    methods, full fine-tuning and CoFiTune's default, keep their two best: each gets its
+    interpolation (WiSE-FT, the dial) at both, and a run that learned past the bar can be
+    dialled back to it, which the best rate alone may not allow."""
     chosen: dict[str, list[float]] = {}
     for name in dict.fromkeys(r["method"] for r in rows if r["alpha"] is None):
         own = [r for r in rows if r["method"] == name and r["alpha"] is None]
         ranked = rank_at_matched_speciality(own, _speciality, _versatility)
-        chosen[name] = [r["learning_rate"] for r in ranked[: 2 if name == REFERENCE else 1]]
+        kept = 2 if name in (REFERENCE, DEFAULT) else 1
+        chosen[name] = [r["learning_rate"] for r in ranked[:kept]]
     return chosen
 
 
