@@ -385,8 +385,7 @@ def _jobs(
     # base prepares the training data that every later job reads (so never two at once)
     jobs = [Job("base", [*runner, "base"], lambda: read_base(records) is not None)]
     planned = [m for m in methods if m.name in plan["learning_rates"]]
-    masked = any(m.soft_mask for m in planned)
-    if masked:
+    if any(m.soft_mask for m in planned):
         jobs.append(Job("importance", importance, (work / "importance" / "manifest.json").exists))
     if controls := [m for m in planned if m.permuted_mask]:
         # the fine level's control: the measured importance, permuted (`permuted.py`)
@@ -403,7 +402,9 @@ def _jobs(
     if any(m.layers == "search" for m in planned):
         search = [*axolotl, "cofitune-search", str(recipe)]
         chosen = (work / "search" / CHOSEN_FILE).exists
-        jobs.append(Job("search", search, chosen, after=("importance",) * masked + ("base",)))
+        # after the base and, when this sitting measures one, the importance
+        before = tuple(job.name for job in jobs if job.name in ("importance", "base"))
+        jobs.append(Job("search", search, chosen, after=before))
 
     def done(name: str, rates: list[float]) -> bool:
         return all(
