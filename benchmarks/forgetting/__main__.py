@@ -12,8 +12,9 @@ level's controls), in two stages:
   once a method's grid is run, a sitting evaluates its interpolation (the dial, WiSE-FT) at that
   rate, and a is chosen by the same rule.
 - `--stage test` (the test split, no choice has read it; 3 seeds): each method whose dev grid is
-  whole at its chosen rate (full fine-tuning and CoFiTune's default at their two best), WiSE-FT
-  of full fine-tuning and CoFiTune's dial (at the chosen a's rate).
+  whole at its chosen rate (full fine-tuning at its two best; CoFiTune's default at the rate
+  its dial's a was chosen at), WiSE-FT of full fine-tuning and CoFiTune's dial (at the chosen
+  a's rate).
 
 Every run writes its own record file under `--records` (`records.py`), so stages, domains and
 seeds can be run in separate sittings and committed as they finish; the summary (results JSON,
@@ -41,8 +42,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from jobs import Job, run_jobs  # noqa: E402
 from machine import describe  # noqa: E402
-from methods import ALPHAS, INTERPOLATIONS, Method, all_methods  # noqa: E402
+from methods import ALPHAS, CURVE_OF, INTERPOLATIONS, Method, all_methods  # noqa: E402
 from records import key_of, planned_alphas, read_base, recorded, run_file  # noqa: E402
+from scores import REFERENCE  # noqa: E402
 from splits import DOMAINS, bench_doc_ids, write_splits  # noqa: E402
 from summary import dev_picks, for_json, markdown, pareto_png, summarize  # noqa: E402
 
@@ -138,9 +140,13 @@ PROMPTS = {"file": "BoolQ/test.jsonl", "skip": 512, "rows": 160}
 NOT_IN_KEY = ("paths", "seeds", "learning_rates", "interpolations", "key")
 
 
-def stage_rates(budget: dict, stage: str, picks: dict[str, list[float]] | None) -> dict:
+def stage_rates(
+    budget: dict, stage: str, picks: dict[str, list[float]] | None, alphas: dict | None = None
+) -> dict:
     """Each method's rates in a stage: the grid (LoRA's x10) in dev; in test, the rates the
-    dev stage picked."""
+    dev stage picked, and for a method other than full fine-tuning whose interpolation was
+    picked on dev (`alphas`), only the rate its a was picked at: the claim's row, so the test
+    stage does not train the other pick three times over."""
     if stage == "dev":
         return {
             m.name: [
@@ -150,7 +156,13 @@ def stage_rates(budget: dict, stage: str, picks: dict[str, list[float]] | None) 
         }
     if not picks:
         sys.exit("the test stage runs at the rates the dev stage chose: run --stage dev first")
-    return picks
+    alphas = alphas or {}
+    return {
+        name: [alphas[curve]["learning_rate"]]
+        if name != REFERENCE and (curve := CURVE_OF.get(name)) in alphas
+        else rates
+        for name, rates in picks.items()
+    }
 
 
 def curves(stage: str, rates: dict, picks: dict, alphas: dict) -> dict:
@@ -186,7 +198,7 @@ def make_plan(
     `picks` and `alphas`: the dev stage's (in dev, only methods whose grid has been run)."""
     budget = BUDGETS[budget_name]
     evaluation, split = budget["evaluation"], budget["evaluation"][stage]
-    rates = stage_rates(budget, stage, picks)
+    rates = stage_rates(budget, stage, picks, alphas)
     plan = {
         "budget": budget_name,
         "stage": stage,

@@ -112,6 +112,23 @@ def test_each_curve_is_evaluated_where_its_a_is_picked_and_then_checked(tmp_path
     assert curves("test", picks, alphas) == {"wise-ft": [1e-5], "cofitune-dial": [8e-5]}
 
 
+def test_the_test_stage_trains_a_dialled_method_only_where_its_a_was_picked():
+    """Full fine-tuning keeps its two best rates on test; the default, once dev picked its
+    dial's rate and a, runs at that rate alone (before that, at both of its picks)."""
+    picks = {"full": [1e-5, 2e-5], "cofitune-default": [4e-5, 8e-5], "lora": [1e-4]}
+    budget = forgetting.BUDGETS["smoke"]
+    assert forgetting.stage_rates(budget, "test", picks) == picks
+    alphas = {
+        "wise-ft": {"learning_rate": 1e-5, "alpha": 0.75},
+        "cofitune-dial": {"learning_rate": 8e-5, "alpha": 0.5},
+    }
+    assert forgetting.stage_rates(budget, "test", picks, alphas) == {
+        "full": [1e-5, 2e-5],
+        "cofitune-default": [8e-5],
+        "lora": [1e-4],
+    }
+
+
 def test_a_run_recorded_without_the_curve_its_plan_asks_is_run_again(tmp_path):
     plan, methods = _plan(tmp_path, ["full"])
     plan["interpolations"] = {"wise-ft": {"learning_rates": [1e-5], "alphas": [0.5]}}
