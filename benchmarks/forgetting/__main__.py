@@ -13,8 +13,8 @@ level's controls), in two stages:
   rate, and a is chosen by the same rule.
 - `--stage test` (the test split, no choice has read it; 3 seeds): each method whose dev grid is
   whole at its chosen rate (full fine-tuning at its two best; CoFiTune's default at the rate
-  its dial's a was chosen at), WiSE-FT of full fine-tuning and CoFiTune's dial (at the chosen
-  a's rate).
+  its dial's a was chosen at), and WiSE-FT of full fine-tuning and CoFiTune's dial at the
+  point the dev stage chose, where it chose a < 1.
 
 Every run writes its own record file under `--records` (`records.py`), so stages, domains and
 seeds can be run in separate sittings and committed as they finish; the summary (results JSON,
@@ -168,20 +168,18 @@ def stage_rates(
 def curves(stage: str, rates: dict, picks: dict, alphas: dict) -> dict:
     """Where each interpolation (WiSE-FT, the dial) is evaluated. Dev: at each of its method's
     picked rates (full fine-tuning's two), once `picks` holds them (every rate of the grid
-    run), so the dev stage can pick a there. Test: at the rate the dev stage picked a at when
-    a < 1, else at the method's highest rate."""
+    run), so the dev stage can pick a there. Test: only the point the dev stage chose, where it
+    chose a < 1 (a = 1 is the trained run itself): the test split measures choices, it makes
+    none, and each point costs a test run a third more."""
     found = {}
     for name, (method, _) in INTERPOLATIONS.items():
         if method not in rates or (stage == "dev" and not picks.get(method)):
             continue
         chosen = alphas.get(name)
         if stage == "dev":
-            at = picks[method]
+            found[name] = {"learning_rates": sorted(picks[method]), "alphas": ALPHAS}
         elif chosen and chosen["alpha"] < 1:
-            at = [chosen["learning_rate"]]
-        else:
-            at = [max(rates[method])]
-        found[name] = {"learning_rates": sorted(at), "alphas": ALPHAS}
+            found[name] = {"learning_rates": [chosen["learning_rate"]], "alphas": [chosen["alpha"]]}
     return found
 
 

@@ -32,7 +32,7 @@ LINEAR_TYPES = (
 
 
 # Rows evaluated between the base and a trained run, base + a (tuned - base), by name: the method
-# whose run at its highest rate they interpolate, and what they are. Full fine-tuning's is WiSE-FT;
+# whose run they interpolate, and what they are. Full fine-tuning's is WiSE-FT;
 # CoFiTune's default's is the plugin's dial (`axolotl cofitune-dial`) on the selection, and so is
 # the masked default's (the default until the fine level's test, so its records carry it).
 INTERPOLATIONS = {

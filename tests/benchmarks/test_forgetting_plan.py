@@ -94,22 +94,26 @@ def test_a_later_sitting_trains_the_default_on_the_committed_search_choice(tmp_p
 
 
 def test_each_curve_is_evaluated_where_its_a_is_picked_and_then_checked(tmp_path):
-    """Dev: a curve at each of its method's picks, once they exist; test: at the rate the dev
-    stage picked its a at when a < 1, else at the method's highest rate."""
+    """Dev: a curve at each of its method's picks, once they exist; test: only the point the
+    dev stage chose, where that is a < 1."""
 
     def curves(stage: str, picks: dict, alphas: dict) -> dict:
         plan = forgetting.make_plan("smoke", "dates", stage, {}, picks, alphas)
-        return {name: c["learning_rates"] for name, c in plan["interpolations"].items()}
+        return {
+            name: (c["learning_rates"], c["alphas"]) for name, c in plan["interpolations"].items()
+        }
 
     assert curves("dev", {}, {}) == {}
-    assert curves("dev", {"full": [1e-4, 1e-5]}, {}) == {"wise-ft": [1e-5, 1e-4]}
+    assert curves("dev", {"full": [1e-4, 1e-5]}, {}) == {
+        "wise-ft": ([1e-5, 1e-4], forgetting.ALPHAS)
+    }
     picks = {"full": [1e-5, 2e-5], "cofitune-default": [8e-5]}
-    assert curves("test", picks, {}) == {"wise-ft": [2e-5], "cofitune-dial": [8e-5]}
+    assert curves("test", picks, {}) == {}
     alphas = {
         "wise-ft": {"learning_rate": 1e-5, "alpha": 0.75},
         "cofitune-dial": {"learning_rate": 8e-5, "alpha": 1.0},
     }
-    assert curves("test", picks, alphas) == {"wise-ft": [1e-5], "cofitune-dial": [8e-5]}
+    assert curves("test", picks, alphas) == {"wise-ft": ([1e-5], [0.75])}
 
 
 def test_the_test_stage_trains_a_dialled_method_only_where_its_a_was_picked():
