@@ -49,6 +49,7 @@ def recipe_for(way: str, run_dir: Path, demo: Path) -> Path:
     """The demo recipe with its paths under `demo`, its search in `run_dir`, and `way`'s keys."""
     text = RECIPE.read_text().replace("./demo/", f"{demo.resolve()}/")
     raw = yaml.safe_load(text)
+    raw["cofitune"].pop("soft_mask")  # the search compares selections; masks come after it
     raw["cofitune"].pop("report")
     raw["cofitune"]["search"] |= {"output_dir": str(run_dir / "search"), **WAYS[way]}
     raw["output_dir"] = str(run_dir / "out")

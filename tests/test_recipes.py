@@ -151,41 +151,23 @@ def test_the_qlora_recipe_loads_in_4bit_for_one_24gb_gpu(workdir: Path):
     assert cfg.bf16 and cfg.gradient_checkpointing
 
 
-SHARDED = (
+SHARDED_WITH_SOFT_MASKS = (
     "cofitune-7b.yml",  # ZeRO-2
     "cofitune-13b.yml",  # ZeRO-3, the paper's setting
     "cofitune-qwen2.5-7b.yml",  # ZeRO-3
-    "cofitune-70b-offload.yml",  # ZeRO-3, offloaded
     "cofitune-llama3.1-8b-fsdp2.yml",
 )
 
 
-def with_fine_level(recipe: Path) -> str:
-    """`recipe` with its commented-out `soft_mask` block switched on, as its comment tells a
-    user to do."""
-    lines, out, inside = recipe.read_text().splitlines(), [], False
-    for line in lines:
-        inside = line == "  # soft_mask:" or (inside and line.startswith("  #   "))
-        out.append(line.replace("  # ", "  ", 1) if inside else line)
-    return "\n".join(out) + "\n"
-
-
-@pytest.mark.parametrize("name", SHARDED)
-def test_the_sharded_recipes_leave_the_fine_level_off_and_take_it_as_documented(
-    name: str, workdir: Path
-):
-    """The recipes train the selection alone (README "The fine level": on SmolLM2 the update
-    mask was a smaller step); switched on as their comment says, soft masks load under the
-    same FSDP2 or DeepSpeed ZeRO-2/3 launcher (tests/test_sharded.py trains them there)."""
-    recipe = REPO / "recipes" / name
-    assert "soft_mask" not in yaml.safe_load(recipe.read_text())["cofitune"]
-    switched_on = workdir / name
-    switched_on.write_text(with_fine_level(recipe))
-    raw, cfg = load_recipe(switched_on, workdir)
+@pytest.mark.parametrize("name", SHARDED_WITH_SOFT_MASKS)
+def test_the_sharded_recipes_train_the_fine_level(name: str, workdir: Path):
+    """Soft masks run under FSDP2 and DeepSpeed ZeRO-2/3 (tests/test_sharded.py), so the
+    sharded recipes carry them, and Axolotl's config loading keeps the block."""
+    raw, cfg = load_recipe(REPO / "recipes" / name, workdir)
     assert raw.get("deepspeed") or raw.get("fsdp_version") == 2
     assert cfg.cofitune["soft_mask"]["importance"] == raw["cofitune"]["soft_mask"]["importance"]
-    assert cfg.cofitune["soft_mask"]["apply_to"] == "update"
-    assert "cofitune-importance" in recipe.read_text().split("# soft_mask:")[0]
+    header = (REPO / "recipes" / name).read_text().split("base_model:")[0]
+    assert f"axolotl cofitune-importance recipes/{name}" in header
 
 
 def test_every_recipe_names_its_command_and_hardware():
