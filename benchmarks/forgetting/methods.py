@@ -34,13 +34,13 @@ LINEAR_TYPES = (
 # Rows evaluated between the base and a trained run, base + a (tuned - base), by name: the method
 # whose run they interpolate, and what they are. Full fine-tuning's is WiSE-FT;
 # CoFiTune's default's is the plugin's dial (`axolotl cofitune-dial`) on the selection, and so is
-# the masked default's (the default until the fine level's test, so its records carry it).
+# the unmasked control's (the default for a day, 2026-12-05, so its records carry it).
 INTERPOLATIONS = {
     "wise-ft": ("full", "WiSE-FT: base + a (full - base)"),
     "cofitune-dial": ("cofitune-default", "the dial: base + a (CoFiTune's default - base)"),
-    "cofitune-dial-masked": (
-        "cofitune-default-masked",
-        "the dial on the masked default: base + a (masked default - base)",
+    "cofitune-dial-unmasked": (
+        "cofitune-default-unmasked",
+        "the dial on the unmasked control: base + a (unmasked control - base)",
     ),
 }
 ALPHAS = [0.25, 0.5, 0.75]
@@ -99,19 +99,19 @@ def all_methods() -> list[Method]:
             "cofitune-default",
             "cofitune",
             "CoFiTune as README runs it: the selection `axolotl cofitune-search` chose, "
-            "no soft mask",
+            "with the default soft mask (update)",
             layers="search",
+            soft_mask="update",
             default_recipe=True,
         ),
         # the fine level's questions, on the default's own selection: what the update mask adds
-        # (the default until the dates test split found it to be a smaller step), and whether the
-        # importance behind it does more than a mask of the same strength at random
+        # (the default without it for a day, 2026-12-05, until the math test brought it back),
+        # and whether the importance behind it does more than a mask of the same strength at random
         Method(
-            "cofitune-default-masked",
+            "cofitune-default-unmasked",
             "cofitune",
-            "the search's selection with the update mask (soft_mask, apply_to: update)",
+            "the search's selection without a soft mask",
             layers="search",
-            soft_mask="update",
         ),
         Method(
             "cofitune-default-permuted",

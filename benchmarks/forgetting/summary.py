@@ -54,8 +54,8 @@ DEFAULT = "cofitune-default"
 # about (`methods.py`): what the update mask adds to the selection, and whether its importance
 # beats the same mask at random.
 FINE_LEVEL = {
-    "mask": ("cofitune-default-masked", DEFAULT),
-    "importance": ("cofitune-default-masked", "cofitune-default-permuted"),
+    "mask": (DEFAULT, "cofitune-default-unmasked"),
+    "importance": (DEFAULT, "cofitune-default-permuted"),
 }
 
 

@@ -72,6 +72,6 @@ def test_only_the_control_trains_with_the_permuted_copy(tmp_path):
     assert methods["cofitune-default-permuted"].importance(tmp_path) == (
         tmp_path / "importance-permuted"
     )
-    assert methods["cofitune-default-masked"].importance(tmp_path) == tmp_path / "importance"
+    assert methods["cofitune-default"].importance(tmp_path) == tmp_path / "importance"
     default = methods["cofitune-default"]
-    assert (default.layers, default.soft_mask, default.default_recipe) == ("search", None, True)
+    assert (default.layers, default.soft_mask, default.default_recipe) == ("search", "update", True)

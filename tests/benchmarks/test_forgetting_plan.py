@@ -33,10 +33,10 @@ def test_a_sitting_runs_the_importance_and_search_only_for_methods_that_need_the
     assert _job_names(tmp_path, ["cofitune+mask-update"])[:2] == ["base", "importance"]
     assert "search" not in _job_names(tmp_path, ["cofitune+mask-update"])
     names = _job_names(tmp_path, ["full", "cofitune-default"])
-    # the default's chain first: it waits on the search (it trains without a mask)
-    assert names[:4] == ["base", "search", "cofitune-default@1e-05", "cofitune-default@0.0001"]
-    masked = _job_names(tmp_path, ["cofitune-default-masked"])
-    assert masked[:4] == ["base", "importance", "search", "cofitune-default-masked@1e-05"]
+    # the default's chain first: the importance and the search, then its runs
+    assert names[:4] == ["base", "importance", "search", "cofitune-default@1e-05"]
+    unmasked = _job_names(tmp_path, ["cofitune-default-unmasked"])
+    assert unmasked[:3] == ["base", "search", "cofitune-default-unmasked@1e-05"]
 
 
 def test_a_run_with_its_own_curve_starts_first_and_another_methods_curve_moves_nothing(tmp_path):

@@ -185,29 +185,29 @@ def test_rows_of_different_seeds_are_paired_on_the_seeds_both_have_and_else_not_
 
 
 def test_the_fine_level_compares_the_masked_selection_with_each_control_at_its_pick():
-    """The masked default's trained run (not its dial's point) against the default without a
-    mask and against the permuted mask, each at its own dev pick; a control with no test row at
-    its pick answers nothing."""
+    """The (masked) default's trained run (not its dial's point) against the selection without
+    a mask and against the permuted mask, each at its own dev pick; a control with no test row
+    at its pick answers nothing."""
     rows = [
-        _row("cofitune-default", 0.98, 0.90, lr=4e-5),
-        _row("cofitune-default-masked", 0.97, 0.95, lr=8e-5),
-        _row("cofitune-dial-masked", 0.90, 0.99, lr=8e-5, alpha=0.75),
+        _row("cofitune-default-unmasked", 0.98, 0.90, lr=4e-5),
+        _row("cofitune-default", 0.97, 0.95, lr=8e-5),
+        _row("cofitune-dial", 0.90, 0.99, lr=8e-5, alpha=0.75),
         _row("cofitune-default-permuted", 0.96, 0.94, lr=8e-5),
         _row("cofitune-default-permuted", 0.99, 0.91, lr=1.6e-4),
     ]
     chosen = {
-        "cofitune-default": [4e-5],
-        "cofitune-default-masked": [8e-5],
+        "cofitune-default-unmasked": [4e-5],
+        "cofitune-default": [8e-5],
         "cofitune-default-permuted": [8e-5],
     }
     found = fine_level({"rows": rows}, chosen)
     assert found["importance"]["control"] == "cofitune-default-permuted lr=8e-05"
-    assert found["importance"]["with"] == "cofitune-default-masked lr=8e-05"
+    assert found["importance"]["with"] == "cofitune-default lr=8e-05"
     assert found["importance"]["estimate"]["vers_retention"] == pytest.approx(0.01)
     assert found["importance"]["vers_retention"] == pytest.approx([0.01, 0.01])
-    assert found["mask"]["control"] == "cofitune-default lr=4e-05"
+    assert found["mask"]["control"] == "cofitune-default-unmasked lr=4e-05"
     assert found["mask"]["estimate"]["spec"] == pytest.approx(-0.01)
     assert found["mask"]["estimate"]["vers_bench"] == pytest.approx(0.05)
 
-    del chosen["cofitune-default"]
+    del chosen["cofitune-default-unmasked"]
     assert list(fine_level({"rows": rows}, chosen)) == ["importance"]
