@@ -46,7 +46,15 @@ from methods import ALPHAS, CURVE_OF, INTERPOLATIONS, Method, all_methods  # noq
 from records import key_of, planned_alphas, read_base, recorded, run_file  # noqa: E402
 from scores import REFERENCE  # noqa: E402
 from splits import DOMAINS, bench_doc_ids, write_splits  # noqa: E402
-from summary import dev_picks, for_json, markdown, pareto_png, summarize  # noqa: E402
+from summary import (  # noqa: E402
+    FINE_LEVEL,
+    chosen_rate,
+    dev_picks,
+    for_json,
+    markdown,
+    pareto_png,
+    summarize,
+)
 
 from cofitune_plugin.jsonl import read_records  # noqa: E402
 from cofitune_plugin.search import CHOSEN_FILE, TRIALS_FILE  # noqa: E402
@@ -146,7 +154,8 @@ def stage_rates(
     """Each method's rates in a stage: the grid (LoRA's x10) in dev; in test, the rates the
     dev stage picked, and for a method other than full fine-tuning whose interpolation was
     picked on dev (`alphas`), only the rate its a was picked at: the claim's row, so the test
-    stage does not train the other pick three times over."""
+    stage does not train the other pick three times over. A fine-level control asked about at
+    the default's rate (`summary.FINE_LEVEL`) runs there as well."""
     if stage == "dev":
         return {
             m.name: [
@@ -157,12 +166,17 @@ def stage_rates(
     if not picks:
         sys.exit("the test stage runs at the rates the dev stage chose: run --stage dev first")
     alphas = alphas or {}
-    return {
+    found = {
         name: [alphas[curve]["learning_rate"]]
         if name != REFERENCE and (curve := CURVE_OF.get(name)) in alphas
         else rates
         for name, rates in picks.items()
     }
+    for subject, control, where in FINE_LEVEL.values():
+        # a control asked about at the default's step runs there too
+        if where == "rate" and control in found and subject in found:
+            found[control] = sorted({*found[control], chosen_rate(subject, picks, alphas)})
+    return found
 
 
 def curves(stage: str, rates: dict, picks: dict, alphas: dict) -> dict:

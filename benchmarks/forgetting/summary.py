@@ -50,12 +50,15 @@ MEASURES = ("exact_match", "heldout_nll", "retention_nll", "agreement", "step_se
 # The claim's goal: retention surely above full fine-tuning's, benchmarks at most 0.01 below.
 CLAIM_GOAL = {"vers_retention": 0.0, "vers_bench": -0.01}
 DEFAULT = "cofitune-default"
-# The fine level's questions on the default's selection, each (with, without) the thing asked
-# about (`methods.py`): what the update mask adds to the selection, and whether its importance
-# beats the same mask at random.
+# The fine level's questions on the default's selection, each (with, without, where the
+# control runs) the thing asked about (`methods.py`): what the update mask adds to the
+# selection, and whether its importance beats the same mask at random. The control runs at its
+# own dev choice ("pick": matched speciality) or at the default's rate ("rate": the same step,
+# so what differs is the importance's information alone).
 FINE_LEVEL = {
-    "mask": (DEFAULT, "cofitune-default-unmasked"),
-    "importance": (DEFAULT, "cofitune-default-permuted"),
+    "mask": (DEFAULT, "cofitune-default-unmasked", "pick"),
+    "importance": (DEFAULT, "cofitune-default-permuted", "pick"),
+    "importance_same_rate": (DEFAULT, "cofitune-default-permuted", "rate"),
 }
 
 
@@ -83,7 +86,9 @@ def summarize(
         if "test" in entry:
             dev = entry.get("dev", {})
             entry["claim"] = claim(entry["test"], dev.get("picks", {}), dev.get("alpha_picks", {}))
-            entry["fine_level"] = fine_level(entry["test"], dev.get("picks", {}))
+            entry["fine_level"] = fine_level(
+                entry["test"], dev.get("picks", {}), dev.get("alpha_picks", {})
+            )
         if entry:
             domains[directory.name] = entry
     return {
@@ -296,6 +301,13 @@ def dev_picks(records: Path, methods: list[Method]) -> tuple[dict[str, list[floa
     return rates, alpha_picks(found["rows"], rates)
 
 
+def chosen_rate(method: str, picks: dict[str, list[float]], alphas: dict) -> float | None:
+    """The rate the dev stage chose for `method`: the one its interpolation's a was picked at
+    (the only rate the test stage trains it at), else its first pick."""
+    point = alphas.get(CURVE_OF.get(method))
+    return point["learning_rate"] if point else (picks.get(method) or [None])[0]
+
+
 def claimed_row(rows: list[dict], method: str, rate: float | None, alpha: float) -> dict | None:
     """`method`'s row at `rate`, or its interpolation's point at `alpha` when that is below 1."""
     key = (CURVE_OF[method], rate, alpha) if alpha < 1 else (method, rate, None)
@@ -340,19 +352,18 @@ def claim(test: dict, chosen: dict[str, list[float]], alphas: dict[str, dict]) -
     }
 
 
-def fine_level(test: dict, chosen: dict[str, list[float]]) -> dict:
+def fine_level(test: dict, chosen: dict[str, list[float]], alphas: dict) -> dict:
     """(the selection with - without) what each fine-level question asks about, each trained
-    run at its dev pick (a = 1: the question is the mask's, not the dial's), on the test split:
-    paired 95% intervals per metric. A question whose rows are not both in the test stage is
-    left out."""
+    run (a = 1: the question is the mask's, not the dial's) at the rate the dev stage chose for
+    it, or the control at the default's (`FINE_LEVEL`), on the test split: paired 95% intervals
+    per metric. A question whose rows are not both in the test stage is left out."""
     rows = test["rows"]
-
-    def pick(method: str) -> dict | None:
-        return claimed_row(rows, method, (chosen.get(method) or [None])[0], 1.0)
-
     found = {}
-    for question, (subject, control) in FINE_LEVEL.items():
-        with_it, other = pick(subject), pick(control)
+    for question, (subject, control, where) in FINE_LEVEL.items():
+        rate = chosen_rate(subject, chosen, alphas)
+        control_rate = rate if where == "rate" else chosen_rate(control, chosen, alphas)
+        with_it = claimed_row(rows, subject, rate, 1.0)
+        other = claimed_row(rows, control, control_rate, 1.0)
         if with_it is None or other is None or (against := difference(with_it, other)) is None:
             continue
         found[question] = {

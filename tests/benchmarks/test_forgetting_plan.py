@@ -133,6 +133,24 @@ def test_the_test_stage_trains_a_dialled_method_only_where_its_a_was_picked():
     }
 
 
+def test_the_test_stage_trains_the_permuted_control_at_the_defaults_rate_too():
+    """The importance question at the same step: the permuted mask runs at its own pick and at
+    the rate the default's dial was picked at; no control is added where it has no pick."""
+    picks = {"cofitune-default": [8e-5, 1.6e-4], "cofitune-default-permuted": [4e-5]}
+    budget = forgetting.BUDGETS["smoke"]
+    assert forgetting.stage_rates(budget, "test", picks)["cofitune-default-permuted"] == [
+        4e-5,
+        8e-5,
+    ]
+    alphas = {"cofitune-dial": {"learning_rate": 1.6e-4, "alpha": 0.75}}
+    assert forgetting.stage_rates(budget, "test", picks, alphas) == {
+        "cofitune-default": [1.6e-4],
+        "cofitune-default-permuted": [4e-5, 1.6e-4],
+    }
+    del picks["cofitune-default-permuted"]
+    assert forgetting.stage_rates(budget, "test", picks, alphas) == {"cofitune-default": [1.6e-4]}
+
+
 def test_a_run_recorded_without_the_curve_its_plan_asks_is_run_again(tmp_path):
     plan, methods = _plan(tmp_path, ["full"])
     plan["interpolations"] = {"wise-ft": {"learning_rates": [1e-5], "alphas": [0.5]}}

@@ -184,30 +184,42 @@ def test_rows_of_different_seeds_are_paired_on_the_seeds_both_have_and_else_not_
     assert dominated_by(single, [single, elsewhere], "vers_bench") == []
 
 
-def test_the_fine_level_compares_the_masked_selection_with_each_control_at_its_pick():
+def test_the_fine_level_compares_the_masked_selection_with_each_control_where_dev_chose():
     """The (masked) default's trained run (not its dial's point) against the selection without
-    a mask and against the permuted mask, each at its own dev pick; a control with no test row
-    at its pick answers nothing."""
+    a mask and against the permuted mask, each at the rate the dev stage chose for it (where a
+    dial was picked, the rate its a was picked at), and against the permuted mask at the
+    default's own rate; a control with no test row there answers nothing."""
     rows = [
         _row("cofitune-default-unmasked", 0.98, 0.90, lr=4e-5),
-        _row("cofitune-default", 0.97, 0.95, lr=8e-5),
-        _row("cofitune-dial", 0.90, 0.99, lr=8e-5, alpha=0.75),
+        _row("cofitune-default-unmasked", 0.99, 0.80, lr=8e-5),
+        _row("cofitune-default", 0.97, 0.95, lr=1.6e-4),
+        _row("cofitune-dial", 0.90, 0.99, lr=1.6e-4, alpha=0.75),
         _row("cofitune-default-permuted", 0.96, 0.94, lr=8e-5),
         _row("cofitune-default-permuted", 0.99, 0.91, lr=1.6e-4),
     ]
     chosen = {
-        "cofitune-default-unmasked": [4e-5],
-        "cofitune-default": [8e-5],
+        "cofitune-default-unmasked": [4e-5, 8e-5],
+        "cofitune-default": [8e-5, 1.6e-4],
         "cofitune-default-permuted": [8e-5],
     }
-    found = fine_level({"rows": rows}, chosen)
+    alphas = {"cofitune-dial": {"learning_rate": 1.6e-4, "alpha": 0.75}}
+    found = fine_level({"rows": rows}, chosen, alphas)
     assert found["importance"]["control"] == "cofitune-default-permuted lr=8e-05"
-    assert found["importance"]["with"] == "cofitune-default lr=8e-05"
+    assert found["importance"]["with"] == "cofitune-default lr=0.00016"
     assert found["importance"]["estimate"]["vers_retention"] == pytest.approx(0.01)
     assert found["importance"]["vers_retention"] == pytest.approx([0.01, 0.01])
+    assert found["importance_same_rate"]["control"] == "cofitune-default-permuted lr=0.00016"
+    assert found["importance_same_rate"]["estimate"]["vers_retention"] == pytest.approx(0.04)
     assert found["mask"]["control"] == "cofitune-default-unmasked lr=4e-05"
     assert found["mask"]["estimate"]["spec"] == pytest.approx(-0.01)
     assert found["mask"]["estimate"]["vers_bench"] == pytest.approx(0.05)
 
-    del chosen["cofitune-default-unmasked"]
-    assert list(fine_level({"rows": rows}, chosen)) == ["importance"]
+    alphas["cofitune-dial-unmasked"] = {"learning_rate": 8e-5, "alpha": 1.0}
+    assert fine_level({"rows": rows}, chosen, alphas)["mask"]["control"] == (
+        "cofitune-default-unmasked lr=8e-05"
+    )
+    del chosen["cofitune-default-unmasked"], alphas["cofitune-dial-unmasked"]
+    assert list(fine_level({"rows": rows}, chosen, alphas)) == [
+        "importance",
+        "importance_same_rate",
+    ]
