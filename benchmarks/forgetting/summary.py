@@ -322,9 +322,8 @@ def claim(test: dict, chosen: dict[str, list[float]], alphas: dict[str, dict]) -
 
     def pick(method: str) -> dict | None:
         point = alphas.get(CURVE_OF[method])
-        if point is None:
-            return claimed_row(rows, method, (chosen.get(method) or [None])[0], 1.0)
-        return claimed_row(rows, method, point["learning_rate"], point["alpha"])
+        alpha = point["alpha"] if point else 1.0
+        return claimed_row(rows, method, chosen_rate(method, chosen, alphas), alpha)
 
     default, full = pick(DEFAULT), pick(REFERENCE)
     if default is None or full is None:
